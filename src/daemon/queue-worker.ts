@@ -1,0 +1,314 @@
+/**
+ * A queue worker thread: serves virtqueues with one io_uring and one blocking point.
+ *
+ * The thread sleeps only in io_uring_enter, which wakes it for backend completions, for a READ on each
+ * queue's kick eventfd, and for a READ on the control eventfd (then it drains its message port
+ * synchronously). Call notifications are eventfd WRITEs on the same ring, so one system call per loop
+ * submits I/O, signals the guest and waits.
+ */
+import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { FileBackend } from '../backend/file.js';
+import { NullBackend } from '../backend/null.js';
+import type { BlockBackend, IoContext } from '../backend/types.js';
+import { BlkRequestProcessor, type BlkSettings } from '../blk/request-processor.js';
+import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
+import { allocNative, munmap, view } from '../os/libc.js';
+import { IORING_OP_READ, IORING_OP_WRITE, IoUring } from '../os/uring.js';
+import { SplitQueue } from '../virtqueue/split.js';
+import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
+
+const IORING_OP_ASYNC_CANCEL = 14;
+const ECANCELED = 125;
+/** Completion tags: requests are queue * 2^16 + slot; the rest sit above them. */
+const REQ_LIMIT = 2 ** 26;
+const KICK_BASE = 2 ** 30;
+const KICK_GENS = 1024;
+const CALL_BASE = 2 ** 31;
+const CONTROL_TAG = 2 ** 32;
+const CANCEL_TAG = 2 ** 33;
+const MAX_QUEUES = 1024;
+/** Views over guest memory are cut at this size: V8 caps a single ArrayBuffer view. */
+const VIEW_CHUNK = 2 ** 30;
+/** Scratch layout: [0] u64 one (call writes), [8] control read buffer, [64 + 8q] kick read buffers. */
+const SCRATCH_BYTES = 64 + MAX_QUEUES * 8;
+
+/** One virtqueue being served. */
+interface Runner {
+  index: number;
+  queue: SplitQueue;
+  proc: BlkRequestProcessor;
+  kickFd: number;
+  callFd: number;
+  kickGen: number;
+  iov: { addr: number; buffer: ArrayBuffer; size: number };
+  /** What the queue was started with (ring addresses translated to guest physical ones). */
+  params: StartQueue;
+  gpas: { descAddr: number; availAddr: number; usedAddr: number };
+  /** Reply id of a pending stop, or -1. */
+  stopId: number;
+}
+
+const init = workerData as WorkerInit;
+const port = parentPort!;
+const ring = new IoUring(512);
+const scratch = allocNative(SCRATCH_BYTES);
+new BigUint64Array(scratch.buffer, 0, 1)[0] = 1n;
+const inline: number[] = [];
+const ctx: IoContext = { ring, completeInline: (tag, res) => { inline.push(tag, res); } };
+const backend: BlockBackend = init.backend.kind === 'file'
+  ? new FileBackend(ctx, init.backend.fd, init.backend.sizeBytes, init.backend.readOnly)
+  : new NullBackend(ctx, init.backend.sizeBytes, init.backend.readOnly);
+const settings: BlkSettings = { serial: init.serial, segMax: init.segMax, writeback: init.writeback };
+const runners: Array<Runner | undefined> = [];
+let memory = GuestMemory.empty();
+/** A memory table waiting for in-flight requests to drain, and the reply id for it. */
+let pendingMemory: { mem: GuestMemory; id: number } | null = null;
+let exitId = -1;
+const name = `worker ${init.index}`;
+
+function post(msg: FromWorker): void {
+  port.postMessage(msg);
+}
+
+function log(level: 'debug' | 'info' | 'warn' | 'error', msg: string): void {
+  post({ op: 'log', level, msg });
+}
+
+function armControl(): void {
+  ring.prep(IORING_OP_READ, init.controlFd, scratch.addr + 8, 8, 0, 0, CONTROL_TAG);
+}
+
+function armKick(r: Runner): void {
+  ring.prep(IORING_OP_READ, r.kickFd, scratch.addr + 64 + r.index * 8, 8, 0, 0, KICK_BASE + r.index + MAX_QUEUES * r.kickGen);
+}
+
+/** Cancels the kick read in flight; its completion (and any late one) is ignored by generation. */
+function disarmKick(r: Runner): void {
+  ring.prep(IORING_OP_ASYNC_CANCEL, -1, KICK_BASE + r.index + MAX_QUEUES * r.kickGen, 0, 0, 0, CANCEL_TAG);
+  r.kickGen = (r.kickGen + 1) % KICK_GENS;
+}
+
+function buildMemory(regions: WorkerRegion[]): GuestMemory {
+  const mapped: MappedRegion[] = [];
+  for (const r of regions) {
+    for (let off = 0; off < r.size; off += VIEW_CHUNK) {
+      const size = Math.min(VIEW_CHUNK, r.size - off);
+      mapped.push({
+        guestAddr: r.guestAddr + off, size, userAddr: r.userAddr + off, mmapOffset: r.mmapOffset + off,
+        hostAddr: r.hostAddr + off, bytes: new Uint8Array(view(r.hostAddr + off, size)),
+      });
+    }
+  }
+  return new GuestMemory(mapped);
+}
+
+function translate(mem: GuestMemory, what: string, uaddr: number, len: number): number {
+  const gpa = mem.userToGuest(uaddr, len);
+  if (gpa < 0) throw new Error(`${what} at frontend address 0x${uaddr.toString(16)} (${len} bytes) is outside the guest memory table`);
+  return gpa;
+}
+
+function startQueue(p: StartQueue): void {
+  if (p.queue >= MAX_QUEUES) throw new Error(`queue ${p.queue} out of range`);
+  if (runners[p.queue]) throw new Error(`queue ${p.queue} is already running`);
+  const gpas = {
+    descAddr: translate(memory, 'descriptor table', p.descUserAddr, p.size * 16),
+    availAddr: translate(memory, 'available ring', p.availUserAddr, 6 + p.size * 2),
+    usedAddr: translate(memory, 'used ring', p.usedUserAddr, 6 + p.size * 8),
+  };
+  const size = BlkRequestProcessor.iovBytes(p.size, settings.segMax);
+  const iovMem = allocNative(size);
+  let built;
+  try {
+    built = buildQueue(p, gpas, p.lastAvailIdx, iovMem);
+  } catch (err) {
+    munmap(iovMem.addr, size);
+    throw err;
+  }
+  const r: Runner = { index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, iov: { ...iovMem, size }, stopId: -1, params: p, gpas };
+  runners[p.queue] = r;
+  armKick(r);
+  log('debug', `${name}: queue ${p.queue} started: size ${p.size}, next avail ${p.lastAvailIdx}, event_idx ${p.eventIdx}`);
+}
+
+/** The ring and its request processor over the current memory table. */
+function buildQueue(p: StartQueue, gpas: Runner['gpas'], lastAvailIdx: number, iovMem: { addr: number; buffer: ArrayBuffer }): { queue: SplitQueue; proc: BlkRequestProcessor } {
+  const queue = new SplitQueue(memory, p.size, gpas, { eventIdx: p.eventIdx, indirect: p.indirect }, lastAvailIdx);
+  const proc = new BlkRequestProcessor(queue, memory, backend, settings, iovMem.buffer, iovMem.addr, p.queue * 65536, log, `queue ${p.queue}`);
+  return { queue, proc };
+}
+
+/** Switches to a new memory table once nothing in flight points into the old one. */
+function applyPendingMemory(): void {
+  if (!pendingMemory || runners.some((r) => r && r.proc.inFlight > 0)) return;
+  const { mem, id } = pendingMemory;
+  pendingMemory = null;
+  memory = mem;
+  for (const r of runners) {
+    if (!r) continue;
+    try {
+      Object.assign(r, buildQueue(r.params, r.gpas, r.queue.lastAvailIdx, r.iov));
+    } catch (err) {
+      log('error', `${name}: queue ${r.index}: rings are not inside the new memory table, queue stopped: ${(err as Error).message}`);
+      r.queue.broken = true;
+    }
+  }
+  post({ op: 'reply', id });
+}
+
+/** Finishes a stop once nothing is in flight: the guest has every completion before we answer. */
+function finishStop(r: Runner): void {
+  flushNotifications(r, true);
+  disarmKick(r);
+  ring.submit();
+  runners[r.index] = undefined;
+  munmap(r.iov.addr, r.iov.size);
+  post({ op: 'reply', id: r.stopId, lastAvailIdx: r.queue.lastAvailIdx });
+}
+
+function flushNotifications(r: Runner, force: boolean): void {
+  if (!r.proc.hasNewUsed) return;
+  r.proc.hasNewUsed = false;
+  if ((r.queue.shouldNotify() || force) && r.callFd >= 0) {
+    ring.prep(IORING_OP_WRITE, r.callFd, scratch.addr, 8, 0, 0, CALL_BASE + r.index);
+  }
+}
+
+function handleControl(msg: ToWorker): void {
+  // Anything already queued for the ring goes out before a reply lets the control thread close fds.
+  ring.submit();
+  try {
+    switch (msg.op) {
+      case 'memory':
+        // Running queues pause until their in-flight requests are done, then move to the new table;
+        // the reply (after which the control thread may unmap the old regions) waits for that.
+        pendingMemory = { mem: buildMemory(msg.regions), id: msg.id };
+        applyPendingMemory();
+        return;
+      case 'start':
+        startQueue(msg.params);
+        break;
+      case 'stop': {
+        const r = runners[msg.queue];
+        if (!r) return post({ op: 'reply', id: msg.id, error: `queue ${msg.queue} is not running` });
+        r.stopId = msg.id;
+        if (r.proc.inFlight === 0) finishStop(r);
+        return; // replied by finishStop when in-flight requests are done
+      }
+      case 'call-fd': {
+        const r = runners[msg.queue];
+        if (r) {
+          flushNotifications(r, false);
+          ring.submit();
+          r.callFd = msg.fd;
+        }
+        break;
+      }
+      case 'writeback':
+        settings.writeback = msg.enabled;
+        break;
+      case 'exit':
+        exitId = msg.id;
+        for (const r of runners) if (r && r.stopId < 0) r.stopId = -2;
+        return;
+    }
+    post({ op: 'reply', id: msg.id });
+  } catch (err) {
+    post({ op: 'reply', id: msg.id, error: (err as Error).message });
+  }
+}
+
+function drainControl(): void {
+  for (let m = receiveMessageOnPort(port as never); m; m = receiveMessageOnPort(port as never)) {
+    handleControl(m.message as ToWorker);
+  }
+}
+
+function onCompletion(tag: number, res: number): void {
+  if (tag < REQ_LIMIT) {
+    const r = runners[Math.floor(tag / 65536)];
+    if (!r) return log('warn', `${name}: completion for a stopped queue (tag ${tag}) ignored`);
+    return guarded(r, () => r.proc.complete(tag % 65536, res));
+  }
+  if (tag >= KICK_BASE && tag < CALL_BASE) {
+    const q = (tag - KICK_BASE) % MAX_QUEUES;
+    const gen = Math.floor((tag - KICK_BASE) / MAX_QUEUES);
+    const r = runners[q];
+    if (!r || gen !== r.kickGen) return; // a cancelled or superseded kick read
+    if (res < 0) {
+      if (res !== -ECANCELED) log('error', `${name}: queue ${q}: reading the kick eventfd failed: errno ${-res}; kicks are ignored from now on`);
+      return;
+    }
+    armKick(r);
+    return;
+  }
+  if (tag >= CALL_BASE && tag < CONTROL_TAG) {
+    if (res < 0) log('warn', `${name}: queue ${tag - CALL_BASE}: signalling the call eventfd failed: errno ${-res}`);
+    return;
+  }
+  if (tag === CONTROL_TAG) {
+    if (res < 0) throw new Error(`control eventfd read failed: errno ${-res}`);
+    drainControl();
+    if (exitId < 0) armControl();
+  }
+}
+
+/** Runs `fn` for a queue; an exception stops that queue only, never the worker. */
+function guarded(r: Runner, fn: () => void): void {
+  try {
+    fn();
+  } catch (err) {
+    log('error', `${name}: queue ${r.index} stopped after an internal error: ${(err as Error).stack ?? err}`);
+    r.queue.broken = true;
+  }
+}
+
+function drainInline(): boolean {
+  if (inline.length === 0) return false;
+  while (inline.length > 0) {
+    const batch = inline.splice(0);
+    for (let i = 0; i < batch.length; i += 2) onCompletion(batch[i], batch[i + 1]);
+  }
+  return true;
+}
+
+function loop(): void {
+  armControl();
+  for (;;) {
+    let progress = drainInline();
+    for (const r of runners) {
+      if (!r) continue;
+      if (r.stopId === -1 && !r.queue.broken && !pendingMemory) guarded(r, () => { if (r.proc.pump() > 0) progress = true; });
+      progress = drainInline() || progress;
+      flushNotifications(r, false);
+      if (r.stopId !== -1 && r.proc.inFlight === 0) {
+        if (r.stopId === -2) { disarmKick(r); runners[r.index] = undefined; } else finishStop(r);
+      }
+    }
+    applyPendingMemory();
+    if (exitId >= 0 && runners.every((r) => !r)) break;
+    if (progress) {
+      ring.enter(0);
+      ring.reap(onCompletion);
+      continue;
+    }
+    // About to sleep: let the guest kick us again, unless work slipped in meanwhile.
+    for (const r of runners) {
+      if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.enableNotifications()) progress = true;
+    }
+    if (progress) continue;
+    ring.enter(1);
+    for (const r of runners) if (r && !r.queue.broken) r.queue.disableNotifications();
+    ring.reap(onCompletion);
+  }
+  ring.submit();
+  ring.close();
+  post({ op: 'reply', id: exitId });
+}
+
+try {
+  loop();
+} catch (err) {
+  log('error', `${name}: fatal: ${(err as Error).stack ?? err}`);
+  process.exit(1);
+}

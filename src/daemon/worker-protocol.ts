@@ -1,0 +1,57 @@
+/**
+ * Messages between the control thread and queue worker threads. Plain data, structured-cloned.
+ */
+import type { BackendSpec } from '../backend/types.js';
+import type { RegionDescriptor } from '../memory/guest-memory.js';
+
+/** A guest memory region as mapped by the control thread (the mapping is process-wide). */
+export interface WorkerRegion extends RegionDescriptor {
+  /** Address of the mapping in this process. */
+  hostAddr: number;
+}
+
+/** What a worker is told at creation. */
+export interface WorkerInit {
+  /** Worker number, for logs. */
+  index: number;
+  /** eventfd the control thread signals after posting a message. */
+  controlFd: number;
+  /** The backend each worker instantiates for itself. */
+  backend: BackendSpec;
+  /** GET_ID serial, NUL padded to 20 bytes. */
+  serial: Uint8Array;
+  /** seg_max announced in the config space. */
+  segMax: number;
+  /** Largest queue size the frontend may set. */
+  maxQueueSize: number;
+  /** Initial write-cache mode. */
+  writeback: boolean;
+}
+
+/** Parameters to start serving one virtqueue. */
+export interface StartQueue {
+  queue: number;
+  size: number;
+  descUserAddr: number;
+  availUserAddr: number;
+  usedUserAddr: number;
+  lastAvailIdx: number;
+  kickFd: number;
+  callFd: number;
+  eventIdx: boolean;
+  indirect: boolean;
+}
+
+/** Control thread → worker. `id` pairs the reply. */
+export type ToWorker =
+  | { op: 'memory'; id: number; regions: WorkerRegion[] }
+  | { op: 'start'; id: number; params: StartQueue }
+  | { op: 'stop'; id: number; queue: number }
+  | { op: 'call-fd'; id: number; queue: number; fd: number }
+  | { op: 'writeback'; id: number; enabled: boolean }
+  | { op: 'exit'; id: number };
+
+/** Worker → control thread. */
+export type FromWorker =
+  | { op: 'reply'; id: number; error?: string; lastAvailIdx?: number }
+  | { op: 'log'; level: 'debug' | 'info' | 'warn' | 'error'; msg: string };
