@@ -1,0 +1,134 @@
+/**
+ * The virtio-blk device behind the vhost-user protocol: features, config space, and the queue workers
+ * that serve its rings.
+ */
+import type { BackendSpec } from '../backend/types.js';
+import { QueueWorker } from '../daemon/worker-pool.js';
+import type { Logger } from '../daemon/logger.js';
+import type { PlaneRegion, RingStart, VhostUserDevice } from '../vhost-user/backend.js';
+import { ProtocolFeature } from '../vhost-user/messages.js';
+import { readConfig, WRITEBACK_OFFSET, type BlkConfig } from './config.js';
+import { Feature, bit, ID_BYTES } from './constants.js';
+
+/** How the device is set up (validated by the CLI). */
+export interface BlkDeviceOptions {
+  backend: BackendSpec;
+  numQueues: number;
+  /** Largest ring size accepted. */
+  queueSize: number;
+  /** Worker threads; queue q runs on worker q % threads. */
+  threads: number;
+  /** GET_ID answer, at most 20 bytes. */
+  serial: string;
+  /** Start in writeback mode (the guest may switch through CONFIG_WCE). */
+  writeback: boolean;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+}
+
+/** Largest segment we take in one descriptor: Linux then never builds a bigger bio_vec for us. */
+const SIZE_MAX = 1 << 20;
+
+/** A virtio-blk device served by worker threads. */
+export class BlkDevice implements VhostUserDevice {
+  readonly features: bigint;
+  readonly protocolFeatures: bigint;
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  private readonly config: BlkConfig;
+  private readonly workers: QueueWorker[];
+
+  constructor(opts: BlkDeviceOptions, private readonly log: Logger) {
+    this.numQueues = opts.numQueues;
+    this.maxQueueSize = opts.queueSize;
+    // seg_max: header and status take two descriptors of a chain no longer than the ring.
+    const segMax = Math.max(1, Math.min(opts.queueSize - 2, 254));
+    let features = bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
+      | bit(Feature.BLK_SIZE_MAX) | bit(Feature.BLK_SEG_MAX) | bit(Feature.BLK_BLK_SIZE) | bit(Feature.BLK_FLUSH)
+      | bit(Feature.BLK_TOPOLOGY) | bit(Feature.BLK_CONFIG_WCE) | bit(Feature.BLK_MQ);
+    if (opts.backend.readOnly) features |= bit(Feature.BLK_RO);
+    this.features = features;
+    this.protocolFeatures = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE]
+      .reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
+    this.config = {
+      capacityBytes: opts.backend.sizeBytes,
+      sizeMax: SIZE_MAX,
+      segMax,
+      blkSize: opts.logicalBlockSize,
+      physicalBlockExp: Math.log2(opts.physicalBlockSize / opts.logicalBlockSize),
+      minIoSize: 1,
+      optIoSize: 0,
+      writeback: opts.writeback ? 1 : 0,
+      numQueues: opts.numQueues,
+    };
+    const serial = new Uint8Array(ID_BYTES);
+    serial.set(Buffer.from(opts.serial, 'utf8').subarray(0, ID_BYTES));
+    this.workers = Array.from({ length: opts.threads }, (_, index) => new QueueWorker({
+      index, backend: opts.backend, serial, segMax, maxQueueSize: opts.queueSize, writeback: opts.writeback,
+    }, log));
+  }
+
+  private worker(queue: number): QueueWorker {
+    return this.workers[queue % this.workers.length];
+  }
+
+  /** Config space bytes. */
+  getConfig(offset: number, size: number): Uint8Array {
+    return readConfig(this.config, offset, size);
+  }
+
+  /** Only `writeback` is writable, and only when CONFIG_WCE was negotiated (virtio 1.2, 5.2.5). */
+  async setConfig(offset: number, data: Uint8Array, features: bigint): Promise<string | null> {
+    if (offset !== WRITEBACK_OFFSET || data.length !== 1) return `config bytes ${offset}+${data.length} are read-only`;
+    if ((features & bit(Feature.BLK_CONFIG_WCE)) === 0n) return 'writeback is read-only without VIRTIO_BLK_F_CONFIG_WCE';
+    if (data[0] > 1) return `writeback value ${data[0]} is neither 0 nor 1`;
+    this.config.writeback = data[0];
+    this.log.info(`guest switched the write cache to ${data[0] ? 'writeback' : 'writethrough'}`);
+    await this.broadcastWriteback(features);
+    return null;
+  }
+
+  /**
+   * Writeback holds only when the driver can flush; without FLUSH every write must be durable on
+   * completion (virtio 1.2, 5.2.6.2).
+   */
+  private async broadcastWriteback(features: bigint): Promise<void> {
+    const enabled = (features & bit(Feature.BLK_FLUSH)) !== 0n && this.config.writeback === 1;
+    await Promise.all(this.workers.map((w) => w.request({ op: 'writeback', enabled })));
+  }
+
+  /** Hands the memory table to every worker. */
+  async setMemory(regions: PlaneRegion[]): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ op: 'memory', regions })));
+  }
+
+  /** Starts a ring on its worker. */
+  async startRing(r: RingStart): Promise<void> {
+    await this.broadcastWriteback(r.features);
+    await this.worker(r.queue).request({
+      op: 'start',
+      params: {
+        queue: r.queue, size: r.size, descUserAddr: r.descUserAddr, availUserAddr: r.availUserAddr, usedUserAddr: r.usedUserAddr,
+        lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd,
+        eventIdx: (r.features & bit(Feature.RING_EVENT_IDX)) !== 0n,
+        indirect: (r.features & bit(Feature.RING_INDIRECT_DESC)) !== 0n,
+      },
+    });
+  }
+
+  /** Stops a ring once its in-flight requests are done. */
+  async stopRing(queue: number): Promise<number> {
+    const reply = await this.worker(queue).request({ op: 'stop', queue });
+    return reply.lastAvailIdx ?? 0;
+  }
+
+  /** Replaces a running ring's call fd. */
+  async setCallFd(queue: number, fd: number): Promise<void> {
+    await this.worker(queue).request({ op: 'call-fd', queue, fd });
+  }
+
+  /** Stops every worker (in-flight requests finish first). */
+  async close(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.stop()));
+  }
+}

@@ -1,0 +1,56 @@
+/**
+ * The daemon: listens on the vhost-user socket, serves one frontend at a time, and listens again when
+ * it leaves (a VM restart or QEMU's reconnect= must work).
+ */
+import type { UnixListener } from '../os/unix-socket.js';
+import { VhostUserSession, type VhostUserDevice } from '../vhost-user/backend.js';
+import type { Logger } from './logger.js';
+
+/** A device exported on a socket. */
+export class Server {
+  private session: VhostUserSession | null = null;
+  private sessionDone: Promise<void> = Promise.resolve();
+  private acceptLoop: Promise<void> = Promise.resolve();
+  private connections = 0;
+  private stopping = false;
+
+  /** Serves `device` to frontends that connect to `listener`. */
+  constructor(private readonly listener: UnixListener, private readonly device: VhostUserDevice & { close(): Promise<void> }, private readonly log: Logger) {}
+
+  /** Starts accepting frontends. */
+  start(): void {
+    this.log.info(`listening on ${this.listener.path}`);
+    this.acceptLoop = this.accept();
+  }
+
+  private async accept(): Promise<void> {
+    for (;;) {
+      const conn = await this.listener.accept();
+      if (!conn) return;
+      const id = ++this.connections;
+      if (this.session) {
+        // Another frontend owns the device; letting a second one in would hand it our rings.
+        this.log.warn(`frontend #${id} refused: another frontend is connected and owns the device`);
+        conn.close();
+        continue;
+      }
+      this.log.info(`frontend #${id} connected`);
+      const session = new VhostUserSession(conn, this.device, this.log, `frontend #${id}`);
+      this.session = session;
+      this.sessionDone = session.serve().then(() => {
+        this.session = null;
+        this.log.info(`frontend #${id} disconnected${this.stopping ? '' : '; listening for the next one'}`);
+      });
+    }
+  }
+
+  /** Stops taking frontends, lets in-flight requests finish, stops the workers. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.listener.close();
+    await this.acceptLoop;
+    this.session?.close();
+    await this.sessionDone;
+    await this.device.close();
+  }
+}

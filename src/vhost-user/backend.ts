@@ -1,0 +1,427 @@
+/**
+ * The back-end side of the vhost-user protocol for one frontend connection: one handler per request,
+ * in a table. Generic over the device: what is device specific (features, config space, the data
+ * plane that serves started rings) sits behind the VhostUserDevice interface.
+ *
+ * Every request is answered, refused or, when the stream can no longer be trusted (bad header), ends
+ * the connection; none can throw past this class. Ring state follows the spec: a ring starts when it
+ * has a kick fd and is enabled, and stops at GET_VRING_BASE, which answers only after in-flight
+ * requests completed.
+ */
+import type { UnixConnection } from '../os/unix-socket.js';
+import { closeQuietly } from '../os/libc.js';
+import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
+import type { RegionDescriptor } from '../memory/guest-memory.js';
+import type { Logger } from '../daemon/logger.js';
+import {
+  FrontendRequest as R, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES,
+  decodeConfig, decodeEmpty, decodeHeader, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
+  decodeVringState, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName,
+} from './messages.js';
+
+/** Ring parameters handed to the data plane when a ring starts. */
+export interface RingStart {
+  queue: number;
+  size: number;
+  descUserAddr: number;
+  availUserAddr: number;
+  usedUserAddr: number;
+  lastAvailIdx: number;
+  kickFd: number;
+  callFd: number;
+  features: bigint;
+}
+
+/** A mapped region as the data plane needs it. */
+export interface PlaneRegion extends RegionDescriptor {
+  hostAddr: number;
+}
+
+/** What a device behind the vhost-user protocol provides. */
+export interface VhostUserDevice {
+  /** virtio feature bits offered (device, ring and VERSION_1; PROTOCOL_FEATURES is added here). */
+  readonly features: bigint;
+  /** Protocol feature bits offered. */
+  readonly protocolFeatures: bigint;
+  /** Number of queues (GET_QUEUE_NUM). */
+  readonly numQueues: number;
+  /** Largest ring size accepted in SET_VRING_NUM. */
+  readonly maxQueueSize: number;
+  /** Config space bytes [offset, offset+size). */
+  getConfig(offset: number, size: number): Uint8Array;
+  /** Writes config space bytes; returns an error text to refuse. */
+  setConfig(offset: number, data: Uint8Array, features: bigint): Promise<string | null>;
+  /** Installs a new memory table in the data plane (resolves once the old one is no longer used). */
+  setMemory(regions: PlaneRegion[]): Promise<void>;
+  /** Starts serving a ring. */
+  startRing(ring: RingStart): Promise<void>;
+  /** Stops a ring after its in-flight requests; resolves with the next avail index. */
+  stopRing(queue: number): Promise<number>;
+  /** Replaces a running ring's call fd (-1: none). */
+  setCallFd(queue: number, fd: number): Promise<void>;
+}
+
+/** Largest number of memory slots (ADD_MEM_REG) we accept; QEMU must never see this go down. */
+export const MAX_MEM_SLOTS = 32;
+
+interface Vring {
+  size: number;
+  addr: { desc: number; avail: number; used: number } | null;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  running: boolean;
+}
+
+interface Message {
+  request: number;
+  needReply: boolean;
+  payload: Buffer;
+  fds: number[];
+}
+
+/** What a handler returns: a reply to send, or nothing (an ack is then sent when asked for). */
+type HandlerResult = Buffer | void;
+type Handler = (m: Message) => Promise<HandlerResult> | HandlerResult;
+
+/** An error that refuses one request; the connection goes on. */
+class Refusal extends Error {}
+
+/** One frontend connection speaking vhost-user to a device. */
+export class VhostUserSession {
+  private features = 0n;
+  private protocolFeatures = 0n;
+  private readonly vrings: Vring[];
+  private regions: RegionMapping[] = [];
+  private readonly handlers: Map<number, { fds: number | 'any'; replies: boolean; handler: Handler }>;
+  private closed = false;
+
+  constructor(private readonly conn: UnixConnection, private readonly device: VhostUserDevice, private readonly log: Logger, private readonly name = 'frontend') {
+    this.vrings = Array.from({ length: device.numQueues }, () => newVring());
+    // fds: how many fds the request carries ('any' = handler checks); replies: has its own reply body.
+    this.handlers = new Map<number, { fds: number | 'any'; replies: boolean; handler: Handler }>([
+      [R.GET_FEATURES, { fds: 0, replies: true, handler: () => this.getFeatures() }],
+      [R.SET_FEATURES, { fds: 0, replies: false, handler: (m) => this.setFeatures(m) }],
+      [R.GET_PROTOCOL_FEATURES, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_PROTOCOL_FEATURES, this.device.protocolFeatures) }],
+      [R.SET_PROTOCOL_FEATURES, { fds: 0, replies: false, handler: (m) => this.setProtocolFeatures(m) }],
+      [R.SET_OWNER, { fds: 0, replies: false, handler: (m) => decodeEmpty(m.request, m.payload) }],
+      [R.RESET_OWNER, { fds: 0, replies: false, handler: () => this.reset() }],
+      [R.RESET_DEVICE, { fds: 0, replies: false, handler: () => this.reset() }],
+      [R.GET_QUEUE_NUM, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_QUEUE_NUM, BigInt(this.device.numQueues)) }],
+      [R.GET_MAX_MEM_SLOTS, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_MAX_MEM_SLOTS, BigInt(MAX_MEM_SLOTS)) }],
+      [R.SET_MEM_TABLE, { fds: 'any', replies: false, handler: (m) => this.setMemTable(m) }],
+      [R.ADD_MEM_REG, { fds: 1, replies: false, handler: (m) => this.addMemReg(m) }],
+      [R.REM_MEM_REG, { fds: 'any', replies: false, handler: (m) => this.remMemReg(m) }],
+      [R.GET_CONFIG, { fds: 0, replies: true, handler: (m) => this.getConfig(m) }],
+      [R.SET_CONFIG, { fds: 0, replies: false, handler: (m) => this.setConfig(m) }],
+      [R.SET_VRING_NUM, { fds: 0, replies: false, handler: (m) => this.setVringNum(m) }],
+      [R.SET_VRING_ADDR, { fds: 0, replies: false, handler: (m) => this.setVringAddr(m) }],
+      [R.SET_VRING_BASE, { fds: 0, replies: false, handler: (m) => this.setVringBase(m) }],
+      [R.GET_VRING_BASE, { fds: 0, replies: true, handler: (m) => this.getVringBase(m) }],
+      [R.SET_VRING_KICK, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'kickFd') }],
+      [R.SET_VRING_CALL, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'callFd') }],
+      [R.SET_VRING_ERR, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'errFd') }],
+      [R.SET_VRING_ENABLE, { fds: 0, replies: false, handler: (m) => this.setVringEnable(m) }],
+    ]);
+  }
+
+  /** Serves requests until the frontend disconnects or breaks the framing; then releases everything. */
+  async serve(): Promise<void> {
+    try {
+      for (;;) {
+        const msg = await this.receive();
+        if (!msg) break;
+        await this.dispatch(msg);
+      }
+    } catch (err) {
+      this.log.error(`${this.name}: connection dropped: ${(err as Error).message}`);
+    } finally {
+      await this.teardown();
+    }
+  }
+
+  /** Closes the connection; serve() then stops rings and resolves. */
+  close(): void {
+    this.conn.close();
+  }
+
+  /** Reads one message; null at end of stream. A header that cannot be trusted ends the connection. */
+  private async receive(): Promise<Message | null> {
+    const head = await this.conn.recvExact(HEADER_SIZE);
+    if (!head) return null;
+    let header;
+    try {
+      header = decodeHeader(head.data);
+    } catch (err) {
+      for (const fd of head.fds) closeQuietly(fd);
+      throw err;
+    }
+    const body = header.size > 0 ? await this.conn.recvExact(header.size) : { data: Buffer.alloc(0), fds: [] };
+    if (!body) {
+      for (const fd of head.fds) closeQuietly(fd);
+      return null;
+    }
+    const fds = [...head.fds, ...body.fds];
+    return { request: header.request, needReply: header.needReply, payload: body.data, fds };
+  }
+
+  /** Runs the handler of one request and sends its reply or ack. Never throws for a bad request. */
+  private async dispatch(m: Message): Promise<void> {
+    const name = requestName(m.request);
+    const entry = this.handlers.get(m.request);
+    let reply: HandlerResult = undefined;
+    let ok = true;
+    try {
+      if (!entry) throw new Refusal(`${name} is not supported`);
+      if (entry.fds !== 'any' && m.fds.length !== entry.fds) {
+        throw new Refusal(`${name} came with ${m.fds.length} file descriptors, expected ${entry.fds}`);
+      }
+      if (m.fds.length > MAX_FDS) throw new Refusal(`${name} came with ${m.fds.length} file descriptors`);
+      this.log.debug(`${this.name}: ${name} (${m.payload.length} bytes, ${m.fds.length} fds)`);
+      reply = await entry.handler(m);
+    } catch (err) {
+      ok = false;
+      for (const fd of m.fds) closeQuietly(fd);
+      const why = err instanceof Refusal || err instanceof ProtocolError || err instanceof RangeError ? (err as Error).message : `internal error: ${(err as Error).stack ?? err}`;
+      this.log.warn(`${this.name}: refused ${name}: ${why}`);
+      if (entry?.replies) {
+        // The frontend waits for a reply body we cannot give: stop talking rather than let it hang.
+        throw new Error(`cannot answer ${name}`);
+      }
+    }
+    if (reply) {
+      this.conn.send(reply);
+    } else if (m.needReply && this.negotiated(ProtocolFeature.REPLY_ACK)) {
+      this.conn.send(encodeReplyAck(m.request, ok));
+    }
+  }
+
+  private negotiated(protocolFeature: number): boolean {
+    return (this.protocolFeatures & (1n << BigInt(protocolFeature))) !== 0n;
+  }
+
+  private getFeatures(): Buffer {
+    return encodeReplyU64(R.GET_FEATURES, this.device.features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)));
+  }
+
+  private setFeatures(m: Message): void {
+    const wanted = decodeU64(m.request, m.payload);
+    const offered = this.device.features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES));
+    if ((wanted & ~offered) !== 0n) throw new Refusal(`features 0x${(wanted & ~offered).toString(16)} were never offered`);
+    this.features = wanted;
+    // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled from the start.
+    if ((wanted & (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES))) === 0n) for (const v of this.vrings) v.enabled = true;
+  }
+
+  private setProtocolFeatures(m: Message): void {
+    const wanted = decodeU64(m.request, m.payload);
+    if ((wanted & ~this.device.protocolFeatures) !== 0n) throw new Refusal(`protocol features 0x${(wanted & ~this.device.protocolFeatures).toString(16)} were never offered`);
+    this.protocolFeatures = wanted;
+  }
+
+  private vring(index: number): Vring {
+    const v = this.vrings[index];
+    if (!v) throw new Refusal(`vring index ${index} is out of range (this device has ${this.vrings.length} queues)`);
+    return v;
+  }
+
+  private setVringNum(m: Message): void {
+    const { index, num } = decodeVringState(m.request, m.payload);
+    const v = this.vring(index);
+    if (v.running) throw new Refusal(`vring ${index} is running`);
+    if (num < 1 || num > this.device.maxQueueSize || (num & (num - 1)) !== 0) {
+      throw new Refusal(`vring ${index} size ${num} is not a power of two in 1..${this.device.maxQueueSize}`);
+    }
+    v.size = num;
+  }
+
+  private setVringAddr(m: Message): void {
+    const a = decodeVringAddr(m.payload);
+    const v = this.vring(a.index);
+    if (v.running) throw new Refusal(`vring ${a.index} is running`);
+    v.addr = { desc: a.descUserAddr, avail: a.availUserAddr, used: a.usedUserAddr };
+  }
+
+  private setVringBase(m: Message): void {
+    const { index, num } = decodeVringState(m.request, m.payload);
+    const v = this.vring(index);
+    if (v.running) throw new Refusal(`vring ${index} is running`);
+    if (num > 0xffff) throw new Refusal(`vring ${index} base ${num} does not fit a 16-bit ring index`);
+    v.base = num;
+  }
+
+  private async getVringBase(m: Message): Promise<Buffer> {
+    const { index } = decodeVringState(m.request, m.payload);
+    const v = this.vring(index);
+    await this.stopRing(index, v);
+    // The ring is stopped for good: its kick fd is no longer ours to watch.
+    closeQuietly(v.kickFd);
+    v.kickFd = -1;
+    return encodeReplyVringState(R.GET_VRING_BASE, index, v.base);
+  }
+
+  private async setVringFd(m: Message, which: 'kickFd' | 'callFd' | 'errFd'): Promise<void> {
+    const { index, noFd } = decodeVringFd(m.request, m.payload);
+    const v = this.vring(index);
+    if (m.fds.length !== (noFd ? 0 : 1)) throw new Refusal(`${requestName(m.request)} came with ${m.fds.length} file descriptors, expected ${noFd ? 0 : 1}`);
+    const fd = noFd ? -1 : m.fds[0];
+    if (which === 'kickFd') {
+      // A new kick fd restarts the ring with it (QEMU sends one when it (re)starts the device).
+      if (v.running) await this.stopRing(index, v);
+      closeQuietly(v.kickFd);
+      v.kickFd = fd;
+      if (fd < 0) this.log.warn(`${this.name}: vring ${index} has no kick fd; it will not be served (polling mode is not supported)`);
+      await this.maybeStart(index, v);
+    } else if (which === 'callFd') {
+      if (v.running) await this.device.setCallFd(index, fd);
+      closeQuietly(v.callFd);
+      v.callFd = fd;
+    } else {
+      closeQuietly(v.errFd);
+      v.errFd = fd;
+    }
+  }
+
+  private async setVringEnable(m: Message): Promise<void> {
+    const { index, num } = decodeVringState(m.request, m.payload);
+    const v = this.vring(index);
+    if (num > 1) throw new Refusal(`SET_VRING_ENABLE state ${num} is neither 0 nor 1`);
+    v.enabled = num === 1;
+    if (v.enabled) await this.maybeStart(index, v);
+    else if (v.running) await this.stopRing(index, v);
+  }
+
+  /** Starts a ring once it has everything it needs; problems are refusals with the reason. */
+  private async maybeStart(index: number, v: Vring): Promise<void> {
+    if (v.running || !v.enabled || v.kickFd < 0) return;
+    if (!v.addr) throw new Refusal(`vring ${index} has a kick fd but no addresses`);
+    if (this.regions.length === 0) throw new Refusal(`vring ${index} started before any memory table`);
+    await this.device.startRing({
+      queue: index, size: v.size, descUserAddr: v.addr.desc, availUserAddr: v.addr.avail, usedUserAddr: v.addr.used,
+      lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features,
+    });
+    v.running = true;
+    this.log.info(`${this.name}: vring ${index} started (size ${v.size}, base ${v.base})`);
+  }
+
+  private async stopRing(index: number, v: Vring): Promise<void> {
+    if (!v.running) return;
+    v.base = await this.device.stopRing(index);
+    v.running = false;
+    this.log.info(`${this.name}: vring ${index} stopped at avail index ${v.base}`);
+  }
+
+  private async setMemTable(m: Message): Promise<void> {
+    const table = decodeMemTable(m.payload);
+    if (m.fds.length !== table.length) throw new Refusal(`SET_MEM_TABLE describes ${table.length} regions but came with ${m.fds.length} file descriptors`);
+    const mapped = this.mapAll(table, m.fds);
+    await this.replaceRegions(mapped);
+  }
+
+  private mapAll(table: RegionDescriptor[], fds: number[]): RegionMapping[] {
+    const mapped: RegionMapping[] = [];
+    try {
+      for (let i = 0; i < table.length; i++) {
+        mapped.push(mapRegion(table[i], fds[i]));
+        fds[i] = -1;
+      }
+    } catch (err) {
+      for (const r of mapped) unmapRegion(r);
+      for (const fd of fds) closeQuietly(fd);
+      throw new Refusal(`mapping guest memory failed: ${(err as Error).message}`);
+    }
+    return mapped;
+  }
+
+  /** Hands a new table to the data plane, then unmaps what it no longer uses. */
+  private async replaceRegions(next: RegionMapping[]): Promise<void> {
+    const old = this.regions;
+    try {
+      await this.device.setMemory(next.map((r) => ({ ...r.region, hostAddr: r.hostAddr })));
+    } catch (err) {
+      for (const r of next) if (!old.includes(r)) unmapRegion(r);
+      throw new Refusal(`the data plane refused the memory table: ${(err as Error).message}`);
+    }
+    this.regions = next;
+    for (const r of old) if (!next.includes(r)) unmapRegion(r);
+    this.log.info(`${this.name}: memory table: ${next.map((r) => `[gpa 0x${r.region.guestAddr.toString(16)} +${r.region.size}]`).join(' ')}`);
+  }
+
+  private async addMemReg(m: Message): Promise<void> {
+    const region = decodeMemRegion(m.request, m.payload);
+    if (this.regions.length >= MAX_MEM_SLOTS) throw new Refusal(`all ${MAX_MEM_SLOTS} memory slots are in use`);
+    const end = region.guestAddr + region.size;
+    const clash = this.regions.find((r) => region.guestAddr < r.region.guestAddr + r.region.size && r.region.guestAddr < end);
+    if (clash) throw new Refusal(`region [0x${region.guestAddr.toString(16)} +${region.size}] overlaps an existing one`);
+    const [mapped] = this.mapAll([region], m.fds);
+    await this.replaceRegions([...this.regions, mapped]);
+  }
+
+  private async remMemReg(m: Message): Promise<void> {
+    // The spec lets a frontend send an fd here; it means nothing, so it is closed.
+    for (const fd of m.fds) closeQuietly(fd);
+    const region = decodeMemRegion(m.request, m.payload);
+    const victim = this.regions.find((r) => r.region.guestAddr === region.guestAddr && r.region.size === region.size && r.region.userAddr === region.userAddr);
+    if (!victim) throw new Refusal(`no region [0x${region.guestAddr.toString(16)} +${region.size}] to remove`);
+    await this.replaceRegions(this.regions.filter((r) => r !== victim));
+  }
+
+  private getConfig(m: Message): Buffer {
+    const c = decodeConfig(m.request, m.payload);
+    if (c.offset + c.size > MAX_CONFIG_SIZE) throw new Refusal(`GET_CONFIG range ${c.offset}+${c.size} exceeds ${MAX_CONFIG_SIZE}`);
+    return encodeReplyConfig(c.offset, c.size, c.flags, this.device.getConfig(c.offset, c.size));
+  }
+
+  private async setConfig(m: Message): Promise<void> {
+    const c = decodeConfig(m.request, m.payload);
+    const err = await this.device.setConfig(c.offset, c.data, this.features);
+    if (err) throw new Refusal(err);
+  }
+
+  /** RESET_OWNER / RESET_DEVICE: stop every ring and forget ring state and features. */
+  private async reset(): Promise<void> {
+    for (let i = 0; i < this.vrings.length; i++) {
+      const v = this.vrings[i];
+      await this.stopRing(i, v);
+      closeVringFds(v);
+      this.vrings[i] = newVring();
+    }
+    this.features = 0n;
+  }
+
+  /** After the connection ends: stop rings (in-flight requests finish), unmap memory, close fds. */
+  private async teardown(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.conn.close();
+    for (let i = 0; i < this.vrings.length; i++) {
+      try {
+        await this.stopRing(i, this.vrings[i]);
+      } catch (err) {
+        this.log.error(`${this.name}: stopping vring ${i} failed: ${(err as Error).message}`);
+      }
+      closeVringFds(this.vrings[i]);
+    }
+    try {
+      await this.device.setMemory([]);
+    } catch (err) {
+      this.log.error(`${this.name}: clearing the memory table failed: ${(err as Error).message}`);
+    }
+    for (const r of this.regions) unmapRegion(r);
+    this.regions = [];
+  }
+}
+
+function newVring(): Vring {
+  // Until SET_FEATURES says otherwise, rings wait for SET_VRING_ENABLE (PROTOCOL_FEATURES is the norm).
+  return { size: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, running: false };
+}
+
+function closeVringFds(v: Vring): void {
+  closeQuietly(v.kickFd);
+  closeQuietly(v.callFd);
+  closeQuietly(v.errFd);
+  v.kickFd = v.callFd = v.errFd = -1;
+}
