@@ -141,8 +141,12 @@ export class BlkRequestProcessor {
     const sector = this.headerView.getUint32(8, true) + this.headerView.getUint32(12, true) * TWO_32;
     switch (type) {
       case RequestType.IN:
+        // Data of a read is device-writable only; readable bytes past the header mean a malformed request.
+        if (this.sumLen(0, readable) !== REQUEST_HEADER_SIZE) return this.malformed(head, statusGpa, 'read request with device-readable data buffers');
         return this.startData(head, statusGpa, sector, readable, last, true);
       case RequestType.OUT:
+        // Only the status descriptor may be device-writable (it may be longer than the status byte).
+        if (n - readable !== 1) return this.malformed(head, statusGpa, 'write request with device-writable data buffers');
         if (this.backend.readOnly) return this.finishNow(head, statusGpa, Status.IOERR, 1);
         return this.startData(head, statusGpa, sector, 0, readable, false);
       case RequestType.FLUSH:
@@ -152,6 +156,18 @@ export class BlkRequestProcessor {
       default:
         return this.finishNow(head, statusGpa, Status.UNSUPP, 1);
     }
+  }
+
+  /** Total length of chain descriptors [from, to). */
+  private sumLen(from: number, to: number): number {
+    let total = 0;
+    for (let i = from; i < to; i++) total += this.chain.len[i];
+    return total;
+  }
+
+  private malformed(head: number, statusGpa: number, why: string): void {
+    this.logError(`${this.name}: request ${head}: ${why}`);
+    this.finishNow(head, statusGpa, Status.IOERR, 1);
   }
 
   /** Gathers the 16 header bytes from the first readable descriptors; false if there are fewer. */
@@ -239,6 +255,7 @@ export class BlkRequestProcessor {
     this.slotHead[slot] = head;
     this.slotStatusGpa[slot] = statusGpa;
     this.slotUsedLen[slot] = 1;
+    this.slotOffset[slot] = 0;
     this.slotState[slot] = SlotState.Flushing;
     this.inFlight++;
     this.backend.flush(this.tagBase + slot);
@@ -277,7 +294,8 @@ export class BlkRequestProcessor {
     }
     let status: number = Status.OK;
     if (res < 0) {
-      this.logError(`${this.name}: ${STATE_NAMES[state]} at byte ${this.slotOffset[slot]} failed: errno ${-res}`);
+      const where = state === SlotState.Flushing ? '' : ` at byte ${this.slotOffset[slot]}`;
+      this.logError(`${this.name}: ${STATE_NAMES[state]}${where} failed: errno ${-res}`);
       status = Status.IOERR;
     } else if (state === SlotState.Reading || state === SlotState.Writing) {
       if (res < this.slotRemaining[slot]) {
