@@ -41,8 +41,10 @@ export class BlkDevice implements VhostUserDevice {
   constructor(opts: BlkDeviceOptions, private readonly log: Logger) {
     this.numQueues = opts.numQueues;
     this.maxQueueSize = opts.queueSize;
-    // seg_max: header and status take two descriptors of a chain no longer than the ring.
-    const segMax = Math.max(1, Math.min(opts.queueSize - 2, 254));
+    // seg_max: header and status take two descriptors of a chain no longer than the ring. QEMU's
+    // vhost-user-blk rings have 128 entries by default and the driver reads seg_max before the ring
+    // size is set, so stay within 126 whatever larger rings we accept.
+    const segMax = Math.max(1, Math.min(opts.queueSize - 2, 126));
     let features = bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
       | bit(Feature.BLK_SIZE_MAX) | bit(Feature.BLK_SEG_MAX) | bit(Feature.BLK_BLK_SIZE) | bit(Feature.BLK_FLUSH)
       | bit(Feature.BLK_TOPOLOGY) | bit(Feature.BLK_CONFIG_WCE) | bit(Feature.BLK_MQ);

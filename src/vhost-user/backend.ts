@@ -16,7 +16,7 @@ import type { Logger } from '../daemon/logger.js';
 import {
   FrontendRequest as R, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES,
   decodeConfig, decodeEmpty, decodeHeader, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
-  decodeVringState, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName,
+  decodeVringState, encodeReply, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName,
 } from './messages.js';
 
 /** Ring parameters handed to the data plane when a ring starts. */
@@ -85,6 +85,9 @@ interface Message {
 /** What a handler returns: a reply to send, or nothing (an ack is then sent when asked for). */
 type HandlerResult = Buffer | void;
 type Handler = (m: Message) => Promise<HandlerResult> | HandlerResult;
+/** A handler table entry: fds it expects ('any' = the handler checks), whether it has a reply body, and
+ * the reply that signals failure where the spec defines one (else a refusal ends the connection). */
+interface Entry { fds: number | 'any'; replies: boolean; handler: Handler; errorReply?: (m: Message) => Buffer }
 
 /** An error that refuses one request; the connection goes on. */
 class Refusal extends Error {}
@@ -95,13 +98,13 @@ export class VhostUserSession {
   private protocolFeatures = 0n;
   private readonly vrings: Vring[];
   private regions: RegionMapping[] = [];
-  private readonly handlers: Map<number, { fds: number | 'any'; replies: boolean; handler: Handler }>;
+  private readonly handlers: Map<number, Entry>;
   private closed = false;
 
   constructor(private readonly conn: UnixConnection, private readonly device: VhostUserDevice, private readonly log: Logger, private readonly name = 'frontend') {
     this.vrings = Array.from({ length: device.numQueues }, () => newVring());
     // fds: how many fds the request carries ('any' = handler checks); replies: has its own reply body.
-    this.handlers = new Map<number, { fds: number | 'any'; replies: boolean; handler: Handler }>([
+    this.handlers = new Map<number, Entry>([
       [R.GET_FEATURES, { fds: 0, replies: true, handler: () => this.getFeatures() }],
       [R.SET_FEATURES, { fds: 0, replies: false, handler: (m) => this.setFeatures(m) }],
       [R.GET_PROTOCOL_FEATURES, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_PROTOCOL_FEATURES, this.device.protocolFeatures) }],
@@ -114,7 +117,8 @@ export class VhostUserSession {
       [R.SET_MEM_TABLE, { fds: 'any', replies: false, handler: (m) => this.setMemTable(m) }],
       [R.ADD_MEM_REG, { fds: 1, replies: false, handler: (m) => this.addMemReg(m) }],
       [R.REM_MEM_REG, { fds: 'any', replies: false, handler: (m) => this.remMemReg(m) }],
-      [R.GET_CONFIG, { fds: 0, replies: true, handler: (m) => this.getConfig(m) }],
+      // vhost-user.rst: a GET_CONFIG reply with a zero-length payload tells the frontend it failed.
+      [R.GET_CONFIG, { fds: 0, replies: true, handler: (m) => this.getConfig(m), errorReply: () => encodeReply(R.GET_CONFIG) }],
       [R.SET_CONFIG, { fds: 0, replies: false, handler: (m) => this.setConfig(m) }],
       [R.SET_VRING_NUM, { fds: 0, replies: false, handler: (m) => this.setVringNum(m) }],
       [R.SET_VRING_ADDR, { fds: 0, replies: false, handler: (m) => this.setVringAddr(m) }],
@@ -186,7 +190,9 @@ export class VhostUserSession {
       for (const fd of m.fds) closeQuietly(fd);
       const why = err instanceof Refusal || err instanceof ProtocolError || err instanceof RangeError ? (err as Error).message : `internal error: ${(err as Error).stack ?? err}`;
       this.log.warn(`${this.name}: refused ${name}: ${why}`);
-      if (entry?.replies) {
+      if (entry?.errorReply) {
+        reply = entry.errorReply(m);
+      } else if (entry?.replies) {
         // The frontend waits for a reply body we cannot give: stop talking rather than let it hang.
         throw new Error(`cannot answer ${name}`);
       }
@@ -267,6 +273,8 @@ export class VhostUserSession {
     const v = this.vring(index);
     if (m.fds.length !== (noFd ? 0 : 1)) throw new Refusal(`${requestName(m.request)} came with ${m.fds.length} file descriptors, expected ${noFd ? 0 : 1}`);
     const fd = noFd ? -1 : m.fds[0];
+    // From here the vring owns the fd: a refusal below must not close it a second time.
+    if (!noFd) m.fds[0] = -1;
     if (which === 'kickFd') {
       // A new kick fd restarts the ring with it (QEMU sends one when it (re)starts the device).
       if (v.running) await this.stopRing(index, v);
@@ -298,10 +306,14 @@ export class VhostUserSession {
     if (v.running || !v.enabled || v.kickFd < 0) return;
     if (!v.addr) throw new Refusal(`vring ${index} has a kick fd but no addresses`);
     if (this.regions.length === 0) throw new Refusal(`vring ${index} started before any memory table`);
-    await this.device.startRing({
-      queue: index, size: v.size, descUserAddr: v.addr.desc, availUserAddr: v.addr.avail, usedUserAddr: v.addr.used,
-      lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features,
-    });
+    try {
+      await this.device.startRing({
+        queue: index, size: v.size, descUserAddr: v.addr.desc, availUserAddr: v.addr.avail, usedUserAddr: v.addr.used,
+        lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features,
+      });
+    } catch (err) {
+      throw new Refusal(`vring ${index} cannot start: ${(err as Error).message}`);
+    }
     v.running = true;
     this.log.info(`${this.name}: vring ${index} started (size ${v.size}, base ${v.base})`);
   }
@@ -324,12 +336,12 @@ export class VhostUserSession {
     const mapped: RegionMapping[] = [];
     try {
       for (let i = 0; i < table.length; i++) {
-        mapped.push(mapRegion(table[i], fds[i]));
-        fds[i] = -1;
+        const fd = fds[i];
+        fds[i] = -1; // mapRegion closes it, mapped or not
+        mapped.push(mapRegion(table[i], fd));
       }
     } catch (err) {
       for (const r of mapped) unmapRegion(r);
-      for (const fd of fds) closeQuietly(fd);
       throw new Refusal(`mapping guest memory failed: ${(err as Error).message}`);
     }
     return mapped;

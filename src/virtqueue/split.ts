@@ -278,7 +278,6 @@ export class SplitQueue {
    */
   private walk(chain: DescriptorChain, head: number): string | null {
     const size = this.size;
-    const limit = chain.capacity < size ? chain.capacity : size;
     let view: DataView | null = null; // non-null while inside an indirect table
     let tableOff = 0;
     let tableEntries = size;
@@ -310,11 +309,10 @@ export class SplitQueue {
       const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
       if (writable) seenWritable = true;
       else if (seenWritable) return `${descName(view, i)} is device-readable but follows a device-writable one`;
-      if (count >= limit) {
-        return limit === size
-          ? `more than ${size} descriptors (loop, or longer than the queue size)`
-          : `more than ${limit} descriptors (the chain capacity)`;
-      }
+      // A direct chain longer than the table must loop. An indirect table may hold more entries than
+      // the ring (Linux sizes requests by seg_max, not by the ring size); the chain capacity bounds it.
+      if (view === null && count >= size) return `more than ${size} descriptors (loop, or longer than the queue size)`;
+      if (count >= chain.capacity) return `more than ${chain.capacity} descriptors (a loop, or longer than the chain capacity)`;
       if (this.mem.findRegion(this.dAddr, this.dLen) < 0) {
         return `${descName(view, i)}: buffer [${hex(this.dAddr)}, +${this.dLen}) is not wholly inside one guest memory region`;
       }
