@@ -1,0 +1,774 @@
+/**
+ * A vhost-user-blk front-end: what QEMU's vhost-user-blk-pci does for a guest, done from a Node process.
+ *
+ * connect() negotiates features, shares a memfd as guest RAM, and starts the virtqueues; then read(),
+ * write(), flush() and getId() run virtio-blk requests through the rings to the back-end. Completions are
+ * found by polling the used rings while requests are outstanding (setImmediate while busy, then a 1 ms
+ * timer); the call eventfds are signalled by the back-end too, and callSignals() reads them for tests.
+ *
+ * Everything in the shared memory is guest physical address = offset in the memfd; ring addresses sent
+ * with SET_VRING_ADDR are our own mapping addresses (front-end user addresses), as QEMU sends them.
+ */
+import { closeQuietly, eventfd, lastErrno, native, EFD_CLOEXEC, EFD_NONBLOCK } from '../os/libc.js';
+import {
+  FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE,
+  encodeConfig, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
+} from '../vhost-user/messages.js';
+import { Feature, RequestType, Status, REQUEST_HEADER_SIZE, SECTOR_SIZE, ID_BYTES } from '../blk/constants.js';
+import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../virtqueue/split.js';
+import { VhostUserConnection, VhostUserError } from './connection.js';
+import { DriverQueue, ringSizes } from './driver-queue.js';
+import { ExtentAllocator, SharedMemory, PAGE_SIZE } from './memory.js';
+
+/** Options of VhostUserBlkClient.connect. */
+export interface ClientOptions {
+  /** Queues to start (at most what GET_QUEUE_NUM allows); default 1. */
+  numQueues?: number;
+  /** Entries per queue, a power of two; default 128. */
+  queueSize?: number;
+  /** Size of the shared guest memory in bytes (page multiple); default 64 MiB. */
+  memoryBytes?: number;
+  /**
+   * Device features to negotiate: 'all-offered' takes every offered bit, a bigint is sent as is (even
+   * bits never offered: hostile tests); by default the offered bits this driver understands.
+   */
+  features?: 'all-offered' | bigint;
+  /** Force VIRTIO_F_EVENT_IDX on (must be offered) or off; default: on if offered. */
+  eventIdx?: boolean;
+  /** Force VIRTIO_F_INDIRECT_DESC on (must be offered) or off; default: on if offered. */
+  indirect?: boolean;
+  /** Protocol features to set instead of (offered ∩ supported). */
+  protocolFeatures?: bigint;
+  /** Reject an I/O request that has not completed after this many ms (0, the default: wait forever). */
+  requestTimeoutMs?: number;
+  /** How long to wait for each control-message reply; default 5000 ms. */
+  replyTimeoutMs?: number;
+}
+
+/** The virtio-blk config space (struct virtio_blk_config, first 60 bytes), decoded. */
+export interface BlkDeviceConfig {
+  /** Capacity in 512-byte sectors. */
+  capacitySectors: number;
+  /** Capacity in bytes. */
+  capacityBytes: number;
+  /** Largest segment in bytes (VIRTIO_BLK_F_SIZE_MAX). */
+  sizeMax: number;
+  /** Most data segments per request (VIRTIO_BLK_F_SEG_MAX). */
+  segMax: number;
+  /** Geometry: cylinders, heads, sectors per track (VIRTIO_BLK_F_GEOMETRY). */
+  geometry: { cylinders: number; heads: number; sectors: number };
+  /** Logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE). */
+  blkSize: number;
+  /** log2(physical block / logical block). */
+  physicalBlockExp: number;
+  /** Offset of the first aligned logical block. */
+  alignmentOffset: number;
+  /** Suggested minimum I/O size in logical blocks. */
+  minIoSize: number;
+  /** Optimal I/O size in logical blocks. */
+  optIoSize: number;
+  /** 1 = writeback cache, 0 = writethrough (VIRTIO_BLK_F_CONFIG_WCE). */
+  writeback: number;
+  /** Number of request queues (VIRTIO_BLK_F_MQ). */
+  numQueues: number;
+  /** Discard limits (VIRTIO_BLK_F_DISCARD). */
+  maxDiscardSectors: number;
+  /** Most discard segments per request. */
+  maxDiscardSeg: number;
+  /** Discard alignment in sectors. */
+  discardSectorAlignment: number;
+  /** Write-zeroes limits (VIRTIO_BLK_F_WRITE_ZEROES). */
+  maxWriteZeroesSectors: number;
+  /** Most write-zeroes segments per request. */
+  maxWriteZeroesSeg: number;
+  /** Write zeroes may deallocate. */
+  writeZeroesMayUnmap: number;
+  /** The raw config bytes as the back-end sent them. */
+  raw: Buffer;
+}
+
+/** Bytes of config space read at connect, as QEMU's vhost-user-blk does (through write_zeroes fields). */
+export const BLK_CONFIG_READ_SIZE = 60;
+
+/** Decodes the little-endian virtio-blk config space (at least 60 bytes). */
+export function decodeBlkConfig(b: Buffer): BlkDeviceConfig {
+  if (b.length < BLK_CONFIG_READ_SIZE) throw new RangeError(`config space is ${b.length} bytes, expected ${BLK_CONFIG_READ_SIZE}`);
+  const capacity = b.readBigUInt64LE(0);
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / BigInt(SECTOR_SIZE)) throw new RangeError(`capacity ${capacity} sectors is too large`);
+  const capacitySectors = Number(capacity);
+  return {
+    capacitySectors, capacityBytes: capacitySectors * SECTOR_SIZE,
+    sizeMax: b.readUInt32LE(8), segMax: b.readUInt32LE(12),
+    geometry: { cylinders: b.readUInt16LE(16), heads: b.readUInt8(18), sectors: b.readUInt8(19) },
+    blkSize: b.readUInt32LE(20), physicalBlockExp: b.readUInt8(24), alignmentOffset: b.readUInt8(25),
+    minIoSize: b.readUInt16LE(26), optIoSize: b.readUInt32LE(28), writeback: b.readUInt8(32),
+    numQueues: b.readUInt16LE(34), maxDiscardSectors: b.readUInt32LE(36), maxDiscardSeg: b.readUInt32LE(40),
+    discardSectorAlignment: b.readUInt32LE(44), maxWriteZeroesSectors: b.readUInt32LE(48),
+    maxWriteZeroesSeg: b.readUInt32LE(52), writeZeroesMayUnmap: b.readUInt8(56), raw: Buffer.from(b),
+  };
+}
+
+/** A virtio-blk request for submit(). */
+export interface BlkRequest {
+  /** RequestType (IN, OUT, FLUSH, GET_ID, ...). */
+  type: number;
+  /** Starting 512-byte sector (default 0). */
+  sector?: number | bigint;
+  /** Request priority field of the header (default 0). */
+  ioprio?: number;
+  /** Device-readable data segments after the header, one descriptor each. */
+  out?: readonly Uint8Array[];
+  /** Sizes of device-writable data segments before the status byte, one descriptor each. */
+  inLengths?: readonly number[];
+  /** Put the chain in an indirect table (needs VIRTIO_F_INDIRECT_DESC); default false, forced when the chain is longer than the queue. */
+  indirect?: boolean;
+}
+
+/** How a submitted request ended. */
+export interface BlkCompletion {
+  /** Status byte (Status.OK/IOERR/UNSUPP), or STATUS_NOT_WRITTEN if the device never wrote it. */
+  status: number;
+  /** Copies of the device-writable data segments, one per inLengths entry. */
+  data: Buffer[];
+  /** Bytes the device says it wrote (used element len). */
+  usedLen: number;
+}
+
+/** The status byte is preset to this before submission: seeing it afterwards means the device never wrote it. */
+export const STATUS_NOT_WRITTEN = 0xff;
+
+/** Name of a status byte value ("OK", "IOERR", "UNSUPP", "NOT_WRITTEN", or the number). */
+export function statusName(status: number): string {
+  switch (status) {
+    case Status.OK: return 'OK';
+    case Status.IOERR: return 'IOERR';
+    case Status.UNSUPP: return 'UNSUPP';
+    case STATUS_NOT_WRITTEN: return 'NOT_WRITTEN';
+    default: return `status ${status}`;
+  }
+}
+
+/** A request that completed with a status other than OK; the message names the status. */
+export class BlkRequestError extends Error {
+  /** Builds the error from what was asked and the status byte. */
+  constructor(what: string, readonly status: number, readonly usedLen: number) {
+    super(`${what} failed: ${statusName(status)} (used len ${usedLen})`);
+    this.name = 'BlkRequestError';
+  }
+}
+
+/** One descriptor of a raw chain for submitRawChain(). */
+export interface RawDescriptor {
+  /** Guest physical address (any 64-bit value: hostile tests point outside memory). */
+  addr: number | bigint;
+  /** Length in bytes. */
+  len: number;
+  /** VIRTQ_DESC_F_* flags; NEXT is not added automatically. */
+  flags: number;
+  /** Position in this chain that `next` points at (translated to its descriptor index); default: the following one. */
+  next?: number;
+  /** Absolute descriptor index for `next` (wins over `next`): for out-of-range values. */
+  nextIndex?: number;
+}
+
+/** How a raw chain ended. */
+export interface RawCompletion {
+  /** Used element len. */
+  usedLen: number;
+  /** Head descriptor index the chain used. */
+  head: number;
+}
+
+/** A buffer in the shared memory, for raw descriptors. */
+export interface DmaBuffer {
+  /** Guest physical address. */
+  gpa: number;
+  /** Length in bytes. */
+  length: number;
+  /** The bytes (a view of the shared memory: invalid after free() or close()). */
+  bytes: Uint8Array;
+  /** Returns the buffer to the allocator. */
+  free(): void;
+}
+
+/** Device features this driver understands and negotiates by default. */
+export const DRIVER_FEATURES = [
+  Feature.VERSION_1, Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX, Feature.BLK_SIZE_MAX, Feature.BLK_SEG_MAX,
+  Feature.BLK_GEOMETRY, Feature.BLK_RO, Feature.BLK_BLK_SIZE, Feature.BLK_FLUSH, Feature.BLK_TOPOLOGY,
+  Feature.BLK_CONFIG_WCE, Feature.BLK_MQ, VHOST_USER_F_PROTOCOL_FEATURES,
+].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
+
+/** Protocol features this front-end understands. */
+export const DRIVER_PROTOCOL_FEATURES = [
+  ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS,
+].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
+
+function has(bits: bigint, bit: number): boolean {
+  return (bits & (1n << BigInt(bit))) !== 0n;
+}
+
+/** Byte offsets inside a request's block: header, status, indirect table, then data segments. */
+const STATUS_OFF = REQUEST_HEADER_SIZE;
+const TABLE_OFF = 64;
+const SEGMENT_ALIGN = 512;
+
+function alignUp(n: number, a: number): number {
+  return Math.ceil(n / a) * a;
+}
+
+/** An outstanding chain. */
+interface Inflight {
+  descs: number[];
+  block: number;
+  blockLen: number;
+  statusOff: number;
+  inOffs: number[];
+  inLens: number[];
+  writableBytes: number;
+  raw: boolean;
+  abandoned: boolean;
+  timer: NodeJS.Timeout | undefined;
+  resolve: (v: BlkCompletion & RawCompletion) => void;
+  reject: (e: Error) => void;
+}
+
+/** Per-queue state. */
+interface QueueState {
+  index: number;
+  ring: DriverQueue;
+  kickFd: number;
+  callFd: number;
+  running: boolean;
+  inflight: Array<Inflight | undefined>;
+  /** Submissions waiting for descriptors or memory, in order; each returns true once started. */
+  waiting: Array<{ attempt: () => boolean; reject: (e: Error) => void }>;
+}
+
+/** A vhost-user-blk front-end connected to one back-end. */
+export class VhostUserBlkClient {
+  /** The device config space read at connect. */
+  readonly config: BlkDeviceConfig;
+  /** Device feature bits offered by the back-end (GET_FEATURES). */
+  readonly offeredFeatures: bigint;
+  /** Device feature bits negotiated (SET_FEATURES). */
+  readonly features: bigint;
+  /** Protocol feature bits offered (0 without VHOST_USER_F_PROTOCOL_FEATURES). */
+  readonly offeredProtocolFeatures: bigint;
+  /** Protocol feature bits negotiated. */
+  readonly protocolFeatures: bigint;
+  /** Queues the back-end supports (GET_QUEUE_NUM, 1 without MQ). */
+  readonly maxQueues: number;
+  /** Device misbehaviour seen on the rings (unknown used ids, over-long used lens); empty when all is well. */
+  readonly anomalies: string[] = [];
+  private readonly queues: QueueState[] = [];
+  private readonly allocator: ExtentAllocator;
+  private outstanding = 0;
+  private closed = false;
+  private pollHandle: { immediate: NodeJS.Immediate } | { timer: NodeJS.Timeout } | null = null;
+  private idlePolls = 0;
+  private readonly requestTimeoutMs: number;
+  private readonly replyTimeoutMs: number;
+
+  private constructor(
+    /** The control connection (raw access for tests). */
+    readonly connection: VhostUserConnection,
+    /** The shared guest memory. */
+    readonly memory: SharedMemory,
+    init: {
+      config: BlkDeviceConfig; offered: bigint; features: bigint; offeredProtocol: bigint; protocol: bigint; maxQueues: number;
+      requestTimeoutMs: number; replyTimeoutMs: number;
+    },
+  ) {
+    this.config = init.config;
+    this.offeredFeatures = init.offered;
+    this.features = init.features;
+    this.offeredProtocolFeatures = init.offeredProtocol;
+    this.protocolFeatures = init.protocol;
+    this.maxQueues = init.maxQueues;
+    this.requestTimeoutMs = init.requestTimeoutMs;
+    this.replyTimeoutMs = init.replyTimeoutMs;
+    this.allocator = new ExtentAllocator(0, memory.size);
+  }
+
+  /**
+   * Connects to the back-end at `socketPath` and brings the device up like QEMU: features, protocol
+   * features, owner, queue count, config, memory table, then every queue started at index 0.
+   */
+  static async connect(socketPath: string, opts: ClientOptions = {}): Promise<VhostUserBlkClient> {
+    const numQueues = opts.numQueues ?? 1;
+    const queueSize = opts.queueSize ?? 128;
+    const memoryBytes = opts.memoryBytes ?? 64 * 1024 * 1024;
+    const replyTimeoutMs = opts.replyTimeoutMs ?? 5000;
+    if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 256) throw new RangeError(`numQueues must be 1..256, got ${numQueues}`);
+    if (!Number.isInteger(queueSize) || queueSize < 1 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
+      throw new RangeError(`queueSize must be a power of two in 1..32768, got ${queueSize}`);
+    }
+    const conn = VhostUserConnection.connect(socketPath);
+    let memory: SharedMemory | null = null;
+    let client: VhostUserBlkClient | null = null;
+    try {
+      const t = { timeoutMs: replyTimeoutMs };
+      const offered = (await conn.request(R.GET_FEATURES, undefined, { ...t, expectReply: true })).readBigUInt64LE(0);
+      let offeredProtocol = 0n;
+      let protocol = 0n;
+      if (has(offered, VHOST_USER_F_PROTOCOL_FEATURES)) {
+        offeredProtocol = (await conn.request(R.GET_PROTOCOL_FEATURES, undefined, { ...t, expectReply: true })).readBigUInt64LE(0);
+        protocol = opts.protocolFeatures ?? (offeredProtocol & DRIVER_PROTOCOL_FEATURES);
+        await conn.request(R.SET_PROTOCOL_FEATURES, encodeU64(protocol), t);
+      }
+      const ack = { ...t, needReply: has(protocol, ProtocolFeature.REPLY_ACK) };
+      await conn.request(R.SET_OWNER, undefined, ack);
+      let maxQueues = 1;
+      if (has(protocol, ProtocolFeature.MQ)) {
+        maxQueues = Number((await conn.request(R.GET_QUEUE_NUM, undefined, { ...t, expectReply: true })).readBigUInt64LE(0));
+      }
+      if (numQueues > maxQueues) throw new RangeError(`${numQueues} queues asked for, the back-end supports ${maxQueues}`);
+      if (!has(protocol, ProtocolFeature.CONFIG)) throw new VhostUserError('the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: no way to read the disk size');
+      const cfgReply = await conn.request(R.GET_CONFIG, encodeConfig(0, BLK_CONFIG_READ_SIZE, 0), { ...t, expectReply: true });
+      if (cfgReply.length !== CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE) {
+        throw new VhostUserError(`GET_CONFIG reply is ${cfgReply.length} bytes, expected ${CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE}`, R.GET_CONFIG);
+      }
+      const config = decodeBlkConfig(cfgReply.subarray(CONFIG_HEADER_SIZE));
+
+      let features = opts.features === 'all-offered' ? offered : typeof opts.features === 'bigint' ? opts.features : offered & DRIVER_FEATURES;
+      for (const [opt, bitNo, label] of [[opts.eventIdx, Feature.RING_EVENT_IDX, 'EVENT_IDX'], [opts.indirect, Feature.RING_INDIRECT_DESC, 'INDIRECT_DESC']] as const) {
+        if (opt === false) features &= ~(1n << BigInt(bitNo));
+        else if (opt === true) {
+          if (!has(offered, bitNo)) throw new VhostUserError(`VIRTIO_F_${label} was asked for but the back-end does not offer it`);
+          features |= 1n << BigInt(bitNo);
+        }
+      }
+      await conn.request(R.SET_FEATURES, encodeU64(features), ack);
+
+      memory = SharedMemory.create(memoryBytes);
+      await conn.request(R.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: memoryBytes, userAddr: memory.addr, mmapOffset: 0 }]), { ...ack, fds: [memory.fd] });
+
+      client = new VhostUserBlkClient(conn, memory, {
+        config, offered, features, offeredProtocol, protocol, maxQueues, requestTimeoutMs: opts.requestTimeoutMs ?? 0, replyTimeoutMs,
+      });
+      for (let q = 0; q < numQueues; q++) {
+        client.addQueue(queueSize);
+        await client.startRing(q, 0);
+      }
+      return client;
+    } catch (err) {
+      if (client) await client.close({ graceful: false });
+      else {
+        conn.close();
+        memory?.close();
+      }
+      throw err;
+    }
+  }
+
+  /** True once the feature bit `bitNo` (Feature.*) was negotiated. */
+  hasFeature(bitNo: number): boolean {
+    return has(this.features, bitNo);
+  }
+
+  /** Number of started queues. */
+  get numQueues(): number {
+    return this.queues.length;
+  }
+
+  /** Requests submitted and not yet completed (or abandoned on timeout). */
+  get outstandingRequests(): number {
+    return this.outstanding;
+  }
+
+  private get ack(): { needReply: boolean; timeoutMs: number } {
+    return { needReply: has(this.protocolFeatures, ProtocolFeature.REPLY_ACK), timeoutMs: this.replyTimeoutMs };
+  }
+
+  /** Allocates the rings and eventfds of the next queue. */
+  private addQueue(size: number): void {
+    const s = ringSizes(size);
+    const availOff = alignUp(s.desc, PAGE_SIZE);
+    const usedOff = availOff + alignUp(s.avail, PAGE_SIZE);
+    const len = usedOff + alignUp(s.used, PAGE_SIZE);
+    const block = this.allocator.alloc(len);
+    if (block < 0) throw new RangeError(`no room for the rings of a ${size}-entry queue in ${this.memory.size} bytes of memory`);
+    // Nonblocking eventfds, as QEMU creates them (event_notifier_init).
+    const kickFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    const callFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    const ring = new DriverQueue(this.memory.bytes, size, { desc: block, avail: block + availOff, used: block + usedOff }, this.hasFeature(Feature.RING_EVENT_IDX), kickFd);
+    ring.reset();
+    this.queues.push({ index: this.queues.length, ring, kickFd, callFd, running: false, inflight: new Array(size), waiting: [] });
+  }
+
+  /** Sends the ring setup of queue `q` starting at avail index `base`, ending with SET_VRING_ENABLE 1. */
+  private async startRing(q: number, base: number): Promise<void> {
+    const qs = this.queues[q];
+    const ack = this.ack;
+    const c = this.connection;
+    const l = qs.ring.layout;
+    await c.request(R.SET_VRING_NUM, encodeVringState(q, qs.ring.size), ack);
+    await c.request(R.SET_VRING_BASE, encodeVringState(q, base), ack);
+    await c.request(R.SET_VRING_ADDR, encodeVringAddr({
+      index: q, flags: 0, descUserAddr: this.memory.addr + l.desc, usedUserAddr: this.memory.addr + l.used,
+      availUserAddr: this.memory.addr + l.avail, logGuestAddr: 0,
+    }), ack);
+    await c.request(R.SET_VRING_CALL, encodeVringFd(q, false), { ...ack, fds: [qs.callFd] });
+    await c.request(R.SET_VRING_KICK, encodeVringFd(q, false), { ...ack, fds: [qs.kickFd] });
+    if (has(this.features, VHOST_USER_F_PROTOCOL_FEATURES)) await c.request(R.SET_VRING_ENABLE, encodeVringState(q, 1), ack);
+    qs.running = true;
+    // Anything made available while the queue was stopped is the device's again.
+    if (qs.ring.availIdx !== base) qs.ring.kick();
+  }
+
+  /** Stops queue `q` (GET_VRING_BASE; the back-end finishes in-flight requests first); resolves with the next avail index. */
+  async stopQueue(q: number): Promise<number> {
+    const qs = this.queueState(q);
+    const reply = await this.connection.request(R.GET_VRING_BASE, encodeVringState(q, 0), { expectReply: true, timeoutMs: this.replyTimeoutMs });
+    if (reply.length !== 8) throw new VhostUserError(`GET_VRING_BASE reply is ${reply.length} bytes, expected 8`, R.GET_VRING_BASE);
+    const index = reply.readUInt32LE(0);
+    if (index !== q) throw new VhostUserError(`GET_VRING_BASE reply is for vring ${index}, asked for ${q}`, R.GET_VRING_BASE);
+    qs.running = false;
+    this.reapAll();
+    return reply.readUInt32LE(4);
+  }
+
+  /** Restarts a stopped queue at avail index `base` (what stopQueue returned): the same setup as connect. */
+  async restartQueue(q: number, base: number): Promise<void> {
+    this.queueState(q);
+    await this.startRing(q, base);
+  }
+
+  /** True while queue `q` is started. */
+  isRunning(q: number): boolean {
+    return this.queueState(q).running;
+  }
+
+  /** The driver-side ring of queue `q` (raw access for tests). */
+  ring(q: number): DriverQueue {
+    return this.queueState(q).ring;
+  }
+
+  /** Reads and resets the call eventfd counter of queue `q`: how many times the back-end signalled since the last call. */
+  callSignals(q: number): bigint {
+    const out = new BigUint64Array(1);
+    const n = Number(native.read(this.queueState(q).callFd, out, 8));
+    if (n === 8) return out[0];
+    const errno = lastErrno();
+    if (errno === 11) return 0n; // EAGAIN: not signalled
+    throw new Error(`reading the call eventfd of queue ${q} failed: errno ${errno}`);
+  }
+
+  /** The eventfds of queue `q` (owned by the client; for tests that hand them to the back-end themselves). */
+  eventFds(q: number): { kickFd: number; callFd: number } {
+    const qs = this.queueState(q);
+    return { kickFd: qs.kickFd, callFd: qs.callFd };
+  }
+
+  private queueState(q: number): QueueState {
+    if (this.closed) throw new Error('the client is closed');
+    const qs = this.queues[q];
+    if (!qs) throw new RangeError(`queue ${q} does not exist (${this.queues.length} queues)`);
+    return qs;
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+  // Requests
+
+  /**
+   * Submits one virtio-blk request: header | out segments | in segments | status, one descriptor each
+   * (or one indirect table). Waits for free descriptors and memory if needed. Resolves with the status
+   * and copies of the in segments; a failing status still resolves (read/write/flush/getId throw).
+   */
+  submit(queue: number, req: BlkRequest): Promise<BlkCompletion> {
+    try {
+      return this.submitChain(queue, req);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  private submitChain(queue: number, req: BlkRequest): Promise<BlkCompletion> {
+    const qs = this.queueState(queue);
+    const out = req.out ?? [];
+    const inLengths = req.inLengths ?? [];
+    for (const l of inLengths) if (!Number.isInteger(l) || l < 0 || l > 0xffffffff) throw new RangeError(`in segment length ${l} is not a u32`);
+    const ndesc = 2 + out.length + inLengths.length;
+    const canIndirect = this.hasFeature(Feature.RING_INDIRECT_DESC);
+    let indirect = req.indirect ?? false;
+    if (indirect && !canIndirect) throw new Error('indirect descriptors were not negotiated');
+    if (!indirect && ndesc > qs.ring.size) {
+      if (!canIndirect) throw new RangeError(`a chain of ${ndesc} descriptors does not fit a ${qs.ring.size}-entry queue`);
+      indirect = true;
+    }
+    if (indirect && ndesc * 16 > 0xffffffff) throw new RangeError('indirect table too large');
+    // Block layout: header at 0, status at 16, indirect table at 64, then 512-aligned segments.
+    let off = alignUp(TABLE_OFF + (indirect ? ndesc * 16 : 0), SEGMENT_ALIGN);
+    const outOffs = out.map((seg) => { const o = off; off = alignUp(off + seg.length, SEGMENT_ALIGN); return o; });
+    const inOffs = inLengths.map((len) => { const o = off; off = alignUp(off + len, SEGMENT_ALIGN); return o; });
+    const blockLen = off;
+    if (ExtentAllocator.roundUp(blockLen) > this.memory.size) throw new RangeError(`a request of ${blockLen} bytes cannot fit in ${this.memory.size} bytes of shared memory`);
+    const sector = BigInt(req.sector ?? 0);
+    const type = req.type;
+    const ioprio = req.ioprio ?? 0;
+
+    return new Promise<BlkCompletion>((resolve, reject) => {
+      const attempt = (): boolean => {
+        const block = this.allocator.alloc(blockLen);
+        if (block < 0) return false;
+        const descs = qs.ring.allocDescriptors(indirect ? 1 : ndesc);
+        if (!descs) {
+          this.allocator.free(block, blockLen);
+          return false;
+        }
+        const mem = this.memory.bytes;
+        const dv = new DataView(mem.buffer, mem.byteOffset + block, REQUEST_HEADER_SIZE);
+        dv.setUint32(0, type >>> 0, true);
+        dv.setUint32(4, ioprio >>> 0, true);
+        dv.setBigUint64(8, BigInt.asUintN(64, sector), true);
+        mem[block + STATUS_OFF] = STATUS_NOT_WRITTEN;
+        out.forEach((seg, i) => mem.set(seg, block + outOffs[i]));
+        // The chain in order: header, out segments, in segments, status.
+        const addrs = [block, ...outOffs.map((o) => block + o), ...inOffs.map((o) => block + o), block + STATUS_OFF];
+        const lens = [REQUEST_HEADER_SIZE, ...out.map((s) => s.length), ...inLengths, 1];
+        const flags = addrs.map((_, i) => (i > out.length ? VIRTQ_DESC_F_WRITE : 0));
+        if (indirect) {
+          const table = new DataView(mem.buffer, mem.byteOffset + block + TABLE_OFF, ndesc * 16);
+          for (let i = 0; i < ndesc; i++) {
+            table.setBigUint64(16 * i, BigInt(addrs[i]), true);
+            table.setUint32(16 * i + 8, lens[i], true);
+            table.setUint16(16 * i + 12, flags[i] | (i < ndesc - 1 ? VIRTQ_DESC_F_NEXT : 0), true);
+            table.setUint16(16 * i + 14, i < ndesc - 1 ? i + 1 : 0, true);
+          }
+          qs.ring.writeDescriptor(descs[0], block + TABLE_OFF, ndesc * 16, VIRTQ_DESC_F_INDIRECT, 0);
+        } else {
+          qs.ring.writeChain(descs, addrs, lens, flags);
+        }
+        let writableBytes = 1;
+        for (const l of inLengths) writableBytes += l;
+        this.track(qs, {
+          descs, block, blockLen, statusOff: block + STATUS_OFF, inOffs: inOffs.map((o) => block + o), inLens: [...inLengths],
+          writableBytes, raw: false, abandoned: false, timer: undefined, resolve, reject,
+        });
+        return true;
+      };
+      this.startOrWait(qs, attempt, reject);
+    });
+  }
+
+  /**
+   * Publishes a chain of raw descriptors exactly as given (hostile tests: addresses outside memory,
+   * loops, bad flags). Resolves with the used len once the device returns the head.
+   */
+  submitRawChain(queue: number, descriptors: readonly RawDescriptor[]): Promise<RawCompletion> {
+    try {
+      return this.publishRaw(queue, descriptors);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  private publishRaw(queue: number, descriptors: readonly RawDescriptor[]): Promise<RawCompletion> {
+    const qs = this.queueState(queue);
+    const n = descriptors.length;
+    if (n < 1 || n > qs.ring.size) throw new RangeError(`a raw chain needs 1..${qs.ring.size} descriptors, got ${n}`);
+    return new Promise<RawCompletion>((resolve, reject) => {
+      const attempt = (): boolean => {
+        const descs = qs.ring.allocDescriptors(n);
+        if (!descs) return false;
+        descriptors.forEach((d, k) => {
+          const next = d.nextIndex ?? (d.next !== undefined ? descs[d.next] : k + 1 < n ? descs[k + 1] : 0);
+          qs.ring.writeDescriptor(descs[k], d.addr, d.len, d.flags, next);
+        });
+        let writableBytes = 0;
+        for (const d of descriptors) if (d.flags & VIRTQ_DESC_F_WRITE) writableBytes += d.len;
+        this.track(qs, {
+          descs, block: -1, blockLen: 0, statusOff: -1, inOffs: [], inLens: [], writableBytes, raw: true, abandoned: false,
+          timer: undefined, resolve, reject,
+        });
+        return true;
+      };
+      this.startOrWait(qs, attempt, reject);
+    });
+  }
+
+  /** Allocates `length` bytes of shared memory for raw descriptors (page granular). */
+  allocDma(length: number): DmaBuffer {
+    if (this.closed) throw new Error('the client is closed');
+    const gpa = this.allocator.alloc(length);
+    if (gpa < 0) throw new RangeError(`no room for ${length} bytes of shared memory`);
+    let freed = false;
+    return {
+      gpa, length, bytes: this.memory.bytes.subarray(gpa, gpa + length),
+      free: () => {
+        if (freed || this.closed) return;
+        freed = true;
+        this.allocator.free(gpa, length);
+        this.retryWaiting();
+      },
+    };
+  }
+
+  private startOrWait(qs: QueueState, attempt: () => boolean, reject: (e: Error) => void): void {
+    if (qs.waiting.length === 0 && attempt()) return;
+    qs.waiting.push({ attempt, reject });
+    this.schedulePoll();
+  }
+
+  /** Records a chain just written (head = descs[0]) and makes it available. */
+  private track(qs: QueueState, rec: Inflight): void {
+    const head = rec.descs[0];
+    qs.inflight[head] = rec;
+    this.outstanding++;
+    if (this.requestTimeoutMs > 0) {
+      rec.timer = setTimeout(() => {
+        // The device may still own the buffers: they stay reserved until it gives the chain back.
+        rec.abandoned = true;
+        rec.reject(new Error(`queue ${qs.index}: request at head ${head} did not complete within ${this.requestTimeoutMs} ms`));
+      }, this.requestTimeoutMs);
+    }
+    qs.ring.publish(head);
+    this.idlePolls = 0;
+    this.schedulePoll();
+  }
+
+  /** Handles used element (id, len) of queue `qs`. */
+  private complete(qs: QueueState, id: number, len: number): void {
+    const rec = id < qs.inflight.length ? qs.inflight[id] : undefined;
+    if (!rec) {
+      this.anomalies.push(`queue ${qs.index}: used element for descriptor ${id} (len ${len}), which heads no outstanding chain`);
+      return;
+    }
+    qs.inflight[id] = undefined;
+    this.outstanding--;
+    if (rec.timer) clearTimeout(rec.timer);
+    if (len > rec.writableBytes) {
+      this.anomalies.push(`queue ${qs.index}: head ${id} completed with used len ${len}, more than its ${rec.writableBytes} device-writable bytes`);
+    }
+    const mem = this.memory.bytes;
+    const status = rec.statusOff >= 0 ? mem[rec.statusOff] : STATUS_NOT_WRITTEN;
+    const data = rec.inOffs.map((o, i) => Buffer.from(mem.subarray(o, o + rec.inLens[i])));
+    qs.ring.freeDescriptors(rec.descs);
+    if (rec.block >= 0) this.allocator.free(rec.block, rec.blockLen);
+    if (!rec.abandoned) rec.resolve({ status, data, usedLen: len, head: id });
+  }
+
+  /** Collects completions of every queue; returns how many there were. */
+  private reapAll(): number {
+    let n = 0;
+    for (const qs of this.queues) n += qs.ring.reap((id, len) => this.complete(qs, id, len));
+    if (n > 0) this.retryWaiting();
+    return n;
+  }
+
+  /** Starts waiting submissions, in order per queue, while resources last. */
+  private retryWaiting(): void {
+    for (const qs of this.queues) {
+      while (qs.waiting.length > 0 && qs.waiting[0].attempt()) qs.waiting.shift();
+    }
+  }
+
+  private waitingCount(): number {
+    let n = 0;
+    for (const qs of this.queues) n += qs.waiting.length;
+    return n;
+  }
+
+  private schedulePoll(): void {
+    if (this.pollHandle !== null || this.closed) return;
+    // Spin on setImmediate while completions are expected soon, then back off to a 1 ms timer.
+    if (this.idlePolls < 256) this.pollHandle = { immediate: setImmediate(this.pollTick) };
+    else this.pollHandle = { timer: setTimeout(this.pollTick, 1) };
+  }
+
+  private readonly pollTick = (): void => {
+    this.pollHandle = null;
+    if (this.closed) return;
+    if (this.reapAll() > 0) this.idlePolls = 0;
+    else this.idlePolls++;
+    if (this.outstanding > 0 || this.waitingCount() > 0) this.schedulePoll();
+  };
+
+  private check(what: string, r: BlkCompletion): BlkCompletion {
+    if (r.status !== Status.OK) throw new BlkRequestError(what, r.status, r.usedLen);
+    return r;
+  }
+
+  /** Segment sizes for `length` bytes of data: at most size_max each (when negotiated). */
+  private segments(length: number): number[] {
+    const max = this.hasFeature(Feature.BLK_SIZE_MAX) && this.config.sizeMax > 0 ? this.config.sizeMax : 1 << 20;
+    const segs: number[] = [];
+    for (let done = 0; done < length; done += max) segs.push(Math.min(max, length - done));
+    return segs;
+  }
+
+  /** Reads `length` bytes at `sector`; throws BlkRequestError unless the status is OK. */
+  async read(sector: number, length: number, queue = 0): Promise<Buffer> {
+    const segs = this.segments(length);
+    const r = this.check(`read of ${length} bytes at sector ${sector}`, await this.submit(queue, { type: RequestType.IN, sector, inLengths: segs }));
+    return r.data.length === 1 ? r.data[0] : Buffer.concat(r.data);
+  }
+
+  /** Writes `data` at `sector`; throws BlkRequestError unless the status is OK. */
+  async write(sector: number, data: Uint8Array, queue = 0): Promise<void> {
+    const out: Uint8Array[] = [];
+    let off = 0;
+    for (const len of this.segments(data.length)) {
+      out.push(data.subarray(off, off + len));
+      off += len;
+    }
+    this.check(`write of ${data.length} bytes at sector ${sector}`, await this.submit(queue, { type: RequestType.OUT, sector, out }));
+  }
+
+  /** Flushes the device's write cache; throws BlkRequestError unless the status is OK. */
+  async flush(queue = 0): Promise<void> {
+    this.check('flush', await this.submit(queue, { type: RequestType.FLUSH }));
+  }
+
+  /** The device serial (GET_ID), without trailing NULs; throws BlkRequestError unless the status is OK. */
+  async getId(queue = 0): Promise<string> {
+    const r = this.check('get id', await this.submit(queue, { type: RequestType.GET_ID, inLengths: [ID_BYTES] }));
+    const id = r.data[0];
+    const end = id.indexOf(0);
+    return id.subarray(0, end < 0 ? id.length : end).toString('utf8');
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+  // Shutdown
+
+  /**
+   * Stops every running queue (GET_VRING_BASE; skipped with graceful: false, an abrupt disconnect),
+   * closes the socket, fails what is still outstanding, unmaps the memory and closes the eventfds.
+   */
+  async close(opts: { graceful?: boolean } = {}): Promise<void> {
+    if (this.closed) return;
+    if (opts.graceful !== false && !this.connection.isClosed) {
+      for (const qs of this.queues) {
+        if (!qs.running) continue;
+        try {
+          await this.stopQueue(qs.index);
+        } catch {
+          break; // the back-end is gone or refuses: nothing more to stop politely
+        }
+      }
+    }
+    this.reapAll();
+    this.closed = true;
+    this.connection.close();
+    if (this.pollHandle !== null) {
+      if ('immediate' in this.pollHandle) clearImmediate(this.pollHandle.immediate);
+      else clearTimeout(this.pollHandle.timer);
+      this.pollHandle = null;
+    }
+    const gone = new Error('the client was closed before the request completed');
+    for (const qs of this.queues) {
+      for (const w of qs.waiting.splice(0)) w.reject(gone);
+      for (let i = 0; i < qs.inflight.length; i++) {
+        const rec = qs.inflight[i];
+        if (!rec) continue;
+        qs.inflight[i] = undefined;
+        if (rec.timer) clearTimeout(rec.timer);
+        if (!rec.abandoned) rec.reject(gone);
+      }
+      closeQuietly(qs.kickFd);
+      closeQuietly(qs.callFd);
+    }
+    this.outstanding = 0;
+    this.memory.close();
+  }
+}
