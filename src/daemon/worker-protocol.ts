@@ -3,6 +3,7 @@
  */
 import type { BackendSpec } from '../backend/types.js';
 import type { RegionDescriptor } from '../memory/guest-memory.js';
+import type { RingStart } from '../vhost-user/backend.js';
 
 /** A guest memory region as mapped by the control thread (the mapping is process-wide). */
 export interface WorkerRegion extends RegionDescriptor {
@@ -28,16 +29,8 @@ export interface WorkerInit {
   writeback: boolean;
 }
 
-/** Parameters to start serving one virtqueue. */
-export interface StartQueue {
-  queue: number;
-  size: number;
-  descUserAddr: number;
-  availUserAddr: number;
-  usedUserAddr: number;
-  lastAvailIdx: number;
-  kickFd: number;
-  callFd: number;
+/** Parameters to start serving one virtqueue: the ring as the protocol set it up, features resolved. */
+export interface StartQueue extends Omit<RingStart, 'features'> {
   eventIdx: boolean;
   indirect: boolean;
 }
