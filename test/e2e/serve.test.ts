@@ -1,0 +1,89 @@
+// End-to-end scenario against our daemon (`bin/vhost-blk serve`): the very
+// same steps as peer.test.ts (the qemu-storage-daemon baseline), then a second
+// guest boot against the same daemon process, then a clean SIGTERM shutdown.
+// See test/e2e/README.md.
+
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+
+import {
+  checkImagePattern,
+  createSparseImage,
+  ensureGuestAssets,
+  Guest,
+  makeTempDir,
+  requireTools,
+  runPatternScenario,
+  startVhostBlk,
+  step,
+  verifyPatternInGuest,
+  withDiagnostics,
+  type DaemonHandle,
+} from './guest.js';
+
+const IMAGE_BYTES = 64 * 1024 * 1024;
+
+async function waitForSocket(daemon: DaemonHandle, timeoutMs: number): Promise<void> {
+  const t0 = Date.now();
+  for (;;) {
+    if (daemon.proc.exitCode !== null || daemon.proc.signalCode !== null) {
+      throw new Error(
+        `vhost-blk exited (code ${daemon.proc.exitCode}, signal ${daemon.proc.signalCode}) after the first guest disconnected; ` +
+          `it must keep serving`,
+      );
+    }
+    try {
+      if (fs.statSync(daemon.socket).isSocket()) return;
+    } catch {
+      /* not there (yet) */
+    }
+    if (Date.now() - t0 > timeoutMs) {
+      throw new Error(`vhost-blk's socket ${daemon.socket} did not reappear within ${timeoutMs} ms after the first guest disconnected`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test('vhost-blk serve: O_DIRECT pattern scenario, second boot, clean SIGTERM', { timeout: 540_000 }, async () => {
+  // Missing tools fail the test (with the apt package to install); never a silent skip.
+  requireTools(['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd']);
+  const assets = await step('build guest initramfs', () => ensureGuestAssets());
+  const tmp = await makeTempDir('vhost-blk-e2e-serve-');
+  let daemon: DaemonHandle | undefined;
+  let guest: Guest | undefined;
+  try {
+    const image = path.join(tmp.path, 'disk.img');
+    const socket = path.join(tmp.path, 'vhost-user-blk.sock');
+    await createSparseImage(image, IMAGE_BYTES);
+
+    daemon = await step('start vhost-blk serve', () => startVhostBlk(['--socket', socket, '--image', image]));
+    const d = daemon;
+
+    // First guest: the full reference scenario.
+    guest = await step('boot #1', () => Guest.boot({ socket, assets }));
+    const g1 = guest;
+    const regions = await step('pattern scenario (boot #1)', () => runPatternScenario(g1, image));
+    assert.equal(await step('power off #1', () => g1.poweroff()), 0, 'QEMU exit code after poweroff #1');
+    await step('check image on host', () => checkImagePattern(image, regions));
+
+    // Second guest against the same daemon process: it must accept a new
+    // front-end once the first one has disconnected.
+    await step('daemon listens again', () => waitForSocket(d, 10_000));
+    guest = await step('boot #2', () => Guest.boot({ socket, assets }));
+    const g2 = guest;
+    await step('read back (boot #2)', () => verifyPatternInGuest(g2, regions));
+    assert.equal(await step('power off #2', () => g2.poweroff()), 0, 'QEMU exit code after poweroff #2');
+
+    const code = await step('SIGTERM vhost-blk', () => d.stop('SIGTERM', 15_000));
+    assert.equal(code, 0, `vhost-blk exit code after SIGTERM (signal ${d.proc.signalCode})`);
+    await step('check image on host after shutdown', () => checkImagePattern(image, regions));
+  } catch (err) {
+    throw withDiagnostics(err, [guest, daemon]);
+  } finally {
+    await guest?.dispose();
+    await daemon?.stop('SIGKILL').catch(() => undefined);
+    await tmp.cleanup();
+  }
+});
