@@ -1241,7 +1241,7 @@ export async function runFioVerify(
     `--filename=${opts.dev ?? '/dev/vda'}`,
     '--direct=1 --ioengine=libaio',
     `--rw=${opts.rw ?? 'randwrite'}`,
-    `--bs=${opts.bs ?? '4k'}`,
+    `--${(opts.bs ?? '4k').includes('-') ? 'bsrange' : 'bs'}=${opts.bs ?? '4k'}`,
     `--iodepth=${opts.iodepth ?? 8}`,
     `--offset=${opts.offset} --size=${opts.size}`,
     '--verify=crc32c --verify_fatal=1 --do_verify=1',
@@ -1284,4 +1284,15 @@ export function withDiagnostics(err: unknown, sources: Array<{ diagnostics(n?: n
     return err;
   }
   return new Error(`${message}\n${extra}`);
+}
+
+/**
+ * fio's verified workloads in the guest, in a range the pattern scenario leaves alone (48..64 MiB minus
+ * the disk's last 4 KiB + guard band): 4 KiB random writes at iodepth 16, then mixed 512 B..128 KiB
+ * random reads and writes. fio fails (and check() throws) on any verify error or I/O error.
+ */
+export async function runFioWorkloads(guest: Guest): Promise<void> {
+  const MiB = 1024 * 1024;
+  await runFioVerify(guest, { offset: 48 * MiB, size: 8 * MiB, bs: '4k', iodepth: 16, rw: 'randwrite' });
+  await runFioVerify(guest, { offset: 56 * MiB, size: 7 * MiB, bs: '512-128k', iodepth: 8, rw: 'randrw' });
 }

@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import {
   checkImagePattern,
   createSparseImage,
+  runFioWorkloads,
   ensureGuestAssets,
   Guest,
   makeTempDir,
@@ -38,6 +39,7 @@ test('qemu-storage-daemon (reference peer): O_DIRECT pattern scenario in a real 
     guest = await step('boot guest', () => Guest.boot({ socket, assets }));
     const g = guest;
     const regions = await step('pattern scenario', () => runPatternScenario(g, image));
+    await step('fio verify workloads', () => runFioWorkloads(g));
     assert.equal(await step('power off', () => g.poweroff()), 0, 'QEMU exit code after poweroff');
     await step('check image on host', () => checkImagePattern(image, regions));
     assert.equal(await step('stop qemu-storage-daemon', () => daemon!.stop('SIGTERM')), 0, 'qemu-storage-daemon exit code');

@@ -11,6 +11,7 @@ import { test } from 'node:test';
 import {
   checkImagePattern,
   createSparseImage,
+  runFioWorkloads,
   ensureGuestAssets,
   Guest,
   makeTempDir,
@@ -65,6 +66,7 @@ test('vhost-blk serve: O_DIRECT pattern scenario, second boot, clean SIGTERM', {
     guest = await step('boot #1', () => Guest.boot({ socket, assets }));
     const g1 = guest;
     const regions = await step('pattern scenario (boot #1)', () => runPatternScenario(g1, image));
+    await step('fio verify workloads (boot #1)', () => runFioWorkloads(g1));
     assert.equal(await step('power off #1', () => g1.poweroff()), 0, 'QEMU exit code after poweroff #1');
     await step('check image on host', () => checkImagePattern(image, regions));
 
