@@ -205,20 +205,26 @@ export class BlkRequestProcessor {
         len -= s;
         skip -= s;
       }
-      if (len === 0) continue;
-      if (iov === iovLimit) {
-        this.freeSlots[this.freeCount++] = slot;
-        this.logError(`${this.name}: request ${head} has more than seg_max=${this.settings.segMax} data segments`);
-        return this.finishNow(head, statusGpa, Status.IOERR, 1);
+      while (len > 0) {
+        if (iov === iovLimit) {
+          this.freeSlots[this.freeCount++] = slot;
+          this.logError(`${this.name}: request ${head} has more than seg_max=${this.settings.segMax} data segments`);
+          return this.finishNow(head, statusGpa, Status.IOERR, 1);
+        }
+        // A buffer across adjacent regions (checked by the queue) becomes one iovec per region.
+        const r = this.mem.regions[this.mem.findRegion(gpa, 1)];
+        const take = Math.min(len, r.guestAddr + r.size - gpa);
+        const host = r.hostAddr + (gpa - r.guestAddr);
+        const w = iov * 4;
+        this.iov32[w] = host % TWO_32;
+        this.iov32[w + 1] = Math.floor(host / TWO_32);
+        this.iov32[w + 2] = take;
+        this.iov32[w + 3] = 0;
+        iov++;
+        total += take;
+        gpa += take;
+        len -= take;
       }
-      const host = this.mem.hostAddress(gpa, len);
-      const w = iov * 4;
-      this.iov32[w] = host % TWO_32;
-      this.iov32[w + 1] = Math.floor(host / TWO_32);
-      this.iov32[w + 2] = len;
-      this.iov32[w + 3] = 0;
-      iov++;
-      total += len;
     }
     if (total % SECTOR_SIZE !== 0 || sector + total / SECTOR_SIZE > this.capacitySectors) {
       this.freeSlots[this.freeCount++] = slot;

@@ -101,23 +101,48 @@ export class GuestMemory {
     return r.bytes.subarray(off, off + len);
   }
 
-  /** Copies guest bytes into `out`; false (nothing copied) if the range is not inside one region. */
-  read(gpa: number, out: Uint8Array): boolean {
-    const i = this.findRegion(gpa, out.length);
-    if (i < 0) return false;
-    const r = this.regions[i];
-    const off = gpa - r.guestAddr;
-    out.set(r.bytes.subarray(off, off + out.length));
+  /**
+   * True when every byte of [gpa, gpa+len) is guest memory, possibly across regions that are adjacent
+   * in guest physical space (hot-plugged DIMMs): a guest may hand us one buffer over such a seam.
+   */
+  covers(gpa: number, len: number): boolean {
+    let addr = gpa;
+    let left = len > 0 ? len : 1;
+    while (left > 0) {
+      const i = this.findRegion(addr, 1);
+      if (i < 0) return false;
+      const r = this.regions[i];
+      const take = Math.min(left, r.guestAddr + r.size - addr);
+      addr += take;
+      left -= take;
+    }
     return true;
   }
 
-  /** Copies `data` into guest memory; false (nothing written) if the range is not inside one region. */
-  write(gpa: number, data: Uint8Array): boolean {
-    const i = this.findRegion(gpa, data.length);
-    if (i < 0) return false;
-    const r = this.regions[i];
-    r.bytes.set(data, gpa - r.guestAddr);
+  /** Copies guest bytes into `out` (across adjacent regions); false (nothing copied) unless all are guest memory. */
+  read(gpa: number, out: Uint8Array): boolean {
+    if (!this.covers(gpa, out.length)) return false;
+    this.eachPiece(gpa, out.length, (bytes, off, done, take) => out.set(bytes.subarray(off, off + take), done));
     return true;
+  }
+
+  /** Copies `data` into guest memory (across adjacent regions); false (nothing written) unless all are guest memory. */
+  write(gpa: number, data: Uint8Array): boolean {
+    if (!this.covers(gpa, data.length)) return false;
+    this.eachPiece(gpa, data.length, (bytes, off, done, take) => bytes.set(data.subarray(done, done + take), off));
+    return true;
+  }
+
+  /** Calls `fn` for each region piece of a range already known to be covered. */
+  private eachPiece(gpa: number, len: number, fn: (bytes: Uint8Array, offset: number, done: number, take: number) => void): void {
+    let done = 0;
+    while (done < len) {
+      const r = this.regions[this.findRegion(gpa + done, 1)];
+      const off = gpa + done - r.guestAddr;
+      const take = Math.min(len - done, r.size - off);
+      fn(r.bytes, off, done, take);
+      done += take;
+    }
   }
 
   /** Writes one byte; false if `gpa` is outside guest memory. */

@@ -313,8 +313,9 @@ export class SplitQueue {
       // the ring (Linux sizes requests by seg_max, not by the ring size); the chain capacity bounds it.
       if (view === null && count >= size) return `more than ${size} descriptors (loop, or longer than the queue size)`;
       if (count >= chain.capacity) return `more than ${chain.capacity} descriptors (a loop, or longer than the chain capacity)`;
-      if (this.mem.findRegion(this.dAddr, this.dLen) < 0) {
-        return `${descName(view, i)}: buffer [${hex(this.dAddr)}, +${this.dLen}) is not wholly inside one guest memory region`;
+      // One region is the common case; a buffer may also run across regions adjacent in guest space.
+      if (this.mem.findRegion(this.dAddr, this.dLen) < 0 && !this.mem.covers(this.dAddr, this.dLen)) {
+        return `${descName(view, i)}: buffer [${hex(this.dAddr)}, +${this.dLen}) is not inside guest memory`;
       }
       chain.addr[count] = this.dAddr;
       chain.len[count] = this.dLen;
