@@ -2,23 +2,72 @@
  * A vhost-user-blk front-end: what QEMU's vhost-user-blk-pci does for a guest, done from a Node process.
  *
  * connect() negotiates features, shares a memfd as guest RAM, and starts the virtqueues; then read(),
- * write(), flush() and getId() run virtio-blk requests through the rings to the back-end. Completions are
+ * write(), flush(), getId(), discard() and writeZeroes() run virtio-blk requests through the rings to the
+ * back-end. Completions are
  * found by polling the used rings while requests are outstanding (setImmediate while busy, then a 1 ms
  * timer); the call eventfds are signalled by the back-end too, and callSignals() reads them for tests.
  *
- * Everything in the shared memory is guest physical address = offset in the memfd; ring addresses sent
- * with SET_VRING_ADDR are our own mapping addresses (front-end user addresses), as QEMU sends them.
+ * By default the whole memfd is one region and guest physical address = offset in the memfd; the
+ * memoryRegions option lays it out as QEMU does (several regions, holes, non-zero mmap offsets, addresses
+ * above 4 GiB), sent with SET_MEM_TABLE or ADD_MEM_REG, and regions can be hot-added and removed. Ring
+ * addresses sent with SET_VRING_ADDR are our own mapping addresses (front-end user addresses), as QEMU
+ * sends them.
  */
 import { closeQuietly, eventfd, lastErrno, native, EFD_CLOEXEC, EFD_NONBLOCK } from '../os/libc.js';
 import {
   FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE,
-  encodeConfig, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
+  encodeConfig, encodeMemRegion, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
 } from '../vhost-user/messages.js';
 import { Feature, RequestType, Status, REQUEST_HEADER_SIZE, SECTOR_SIZE, ID_BYTES } from '../blk/constants.js';
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../virtqueue/split.js';
 import { VhostUserConnection, VhostUserError } from './connection.js';
 import { DriverQueue, ringSizes } from './driver-queue.js';
 import { ExtentAllocator, SharedMemory, PAGE_SIZE } from './memory.js';
+
+/** One guest memory region: `size` bytes of the memfd from `offset`, seen by the guest at `guestAddr`. */
+export interface GuestRegion {
+  /** Guest physical address of the region's first byte. */
+  guestAddr: number;
+  /** Offset of the region in the memfd (its mmap offset); page aligned. */
+  offset: number;
+  /** Size in bytes; page aligned. */
+  size: number;
+}
+
+/** A buffer at a chosen guest physical address (it may span regions), from allocGuest(). */
+export interface GuestBuffer {
+  /** Guest physical address. */
+  gpa: number;
+  /** Length in bytes. */
+  length: number;
+  /** Copies the buffer's current bytes out of guest memory. */
+  read(): Buffer;
+  /** Copies `data` into the buffer at byte `at` (default 0). */
+  write(data: Uint8Array, at?: number): void;
+  /** Returns the memory to the allocator. */
+  free(): void;
+}
+
+/** Most regions SET_MEM_TABLE carries. */
+const MAX_MEM_TABLE_REGIONS = 8;
+
+/** Checks a memory layout against a memfd of `memoryBytes`; returns it sorted by offset. */
+function checkRegions(regions: readonly GuestRegion[], memoryBytes: number, maxRegions = MAX_MEM_TABLE_REGIONS): GuestRegion[] {
+  if (regions.length < 1 || regions.length > maxRegions) throw new RangeError(`memory layouts have 1..${maxRegions} regions, got ${regions.length}`);
+  for (const r of regions) {
+    for (const [k, v] of [['guestAddr', r.guestAddr], ['offset', r.offset], ['size', r.size]] as const) {
+      if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) throw new RangeError(`memory region ${k} ${v} is not a page-aligned non-negative integer`);
+    }
+    if (r.size === 0 || r.offset + r.size > memoryBytes) throw new RangeError(`memory region at offset ${r.offset} (+${r.size}) is empty or outside the ${memoryBytes}-byte memfd`);
+  }
+  const byOffset = [...regions].sort((a, b) => a.offset - b.offset);
+  const byGpa = [...regions].sort((a, b) => a.guestAddr - b.guestAddr);
+  for (let i = 1; i < byOffset.length; i++) {
+    if (byOffset[i].offset < byOffset[i - 1].offset + byOffset[i - 1].size) throw new RangeError('memory regions overlap in the memfd');
+    if (byGpa[i].guestAddr < byGpa[i - 1].guestAddr + byGpa[i - 1].size) throw new RangeError('memory regions overlap in guest physical memory');
+  }
+  return byOffset;
+}
 
 /** Options of VhostUserBlkClient.connect. */
 export interface ClientOptions {
@@ -28,6 +77,16 @@ export interface ClientOptions {
   queueSize?: number;
   /** Size of the shared guest memory in bytes (page multiple); default 64 MiB. */
   memoryBytes?: number;
+  /**
+   * Guest memory layout: which parts of the memfd are guest RAM and at which guest physical address each
+   * starts (SET_MEM_TABLE regions, at most 8). Default: one region, guest address = memfd offset.
+   */
+  memoryRegions?: readonly GuestRegion[];
+  /**
+   * How the memory table is sent: 'set-mem-table' (default) or, as QEMU does when both sides offer
+   * VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS, 'add-mem-reg': GET_MAX_MEM_SLOTS then one ADD_MEM_REG per region.
+   */
+  memoryMessages?: 'set-mem-table' | 'add-mem-reg';
   /**
    * Device features to negotiate: 'all-offered' takes every offered bit, a bigint is sent as is (even
    * bits never offered: hostile tests); by default the offered bits this driver understands.
@@ -195,13 +254,45 @@ export interface DmaBuffer {
 export const DRIVER_FEATURES = [
   Feature.VERSION_1, Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX, Feature.BLK_SIZE_MAX, Feature.BLK_SEG_MAX,
   Feature.BLK_GEOMETRY, Feature.BLK_RO, Feature.BLK_BLK_SIZE, Feature.BLK_FLUSH, Feature.BLK_TOPOLOGY,
-  Feature.BLK_CONFIG_WCE, Feature.BLK_MQ, VHOST_USER_F_PROTOCOL_FEATURES,
+  Feature.BLK_CONFIG_WCE, Feature.BLK_MQ, Feature.BLK_DISCARD, Feature.BLK_WRITE_ZEROES, VHOST_USER_F_PROTOCOL_FEATURES,
 ].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
+
+/** Flag of a WRITE_ZEROES range (VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP): the device may deallocate the sectors. */
+export const WRITE_ZEROES_FLAG_UNMAP = 1;
+
+/** One range of a DISCARD or WRITE_ZEROES request (struct virtio_blk_discard_write_zeroes). */
+export interface BlkRange {
+  /** First 512-byte sector. */
+  sector: number | bigint;
+  /** Number of sectors (u32). */
+  numSectors: number;
+  /** Flags (u32): WRITE_ZEROES_FLAG_UNMAP or any bits (tests); default 0. */
+  flags?: number;
+}
+
+/** Bytes of one encoded BlkRange. */
+export const BLK_RANGE_SIZE = 16;
+
+/** Encodes `ranges` as the data segment of a DISCARD / WRITE_ZEROES request (16 bytes each, little-endian). */
+export function encodeBlkRanges(ranges: readonly BlkRange[]): Buffer {
+  const b = Buffer.alloc(BLK_RANGE_SIZE * ranges.length);
+  ranges.forEach((r, i) => {
+    b.writeBigUInt64LE(BigInt.asUintN(64, BigInt(r.sector)), BLK_RANGE_SIZE * i);
+    b.writeUInt32LE(r.numSectors >>> 0, BLK_RANGE_SIZE * i + 8);
+    b.writeUInt32LE((r.flags ?? 0) >>> 0, BLK_RANGE_SIZE * i + 12);
+  });
+  return b;
+}
 
 /** Protocol features this front-end understands. */
 export const DRIVER_PROTOCOL_FEATURES = [
   ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS,
 ].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
+
+/** The SET_MEM_TABLE regions of `regions` in `memory` (user address = our mapping of the region). */
+function memTable(memory: SharedMemory, regions: readonly GuestRegion[]) {
+  return regions.map((r) => ({ guestAddr: r.guestAddr, size: r.size, userAddr: memory.addr + r.offset, mmapOffset: r.offset }));
+}
 
 function has(bits: bigint, bit: number): boolean {
   return (bits & (1n << BigInt(bit))) !== 0n;
@@ -260,6 +351,14 @@ export class VhostUserBlkClient {
   readonly maxQueues: number;
   /** Device misbehaviour seen on the rings (unknown used ids, over-long used lens); empty when all is well. */
   readonly anomalies: string[] = [];
+  /** The guest memory layout the back-end was given, sorted by memfd offset. */
+  get memoryRegions(): readonly GuestRegion[] {
+    return this.regions;
+  }
+  /** Memory slots the back-end supports (GET_MAX_MEM_SLOTS), or 0 if the table went by SET_MEM_TABLE. */
+  readonly maxMemSlots: number;
+  private regions: GuestRegion[];
+  private readonly memoryMessages: 'set-mem-table' | 'add-mem-reg';
   private readonly queues: QueueState[] = [];
   private readonly allocator: ExtentAllocator;
   private outstanding = 0;
@@ -276,7 +375,8 @@ export class VhostUserBlkClient {
     readonly memory: SharedMemory,
     init: {
       config: BlkDeviceConfig; offered: bigint; features: bigint; offeredProtocol: bigint; protocol: bigint; maxQueues: number;
-      requestTimeoutMs: number; replyTimeoutMs: number;
+      requestTimeoutMs: number; replyTimeoutMs: number; regions: GuestRegion[]; memoryMessages: 'set-mem-table' | 'add-mem-reg';
+      maxMemSlots: number;
     },
   ) {
     this.config = init.config;
@@ -287,7 +387,22 @@ export class VhostUserBlkClient {
     this.maxQueues = init.maxQueues;
     this.requestTimeoutMs = init.requestTimeoutMs;
     this.replyTimeoutMs = init.replyTimeoutMs;
+    this.regions = init.regions;
+    this.memoryMessages = init.memoryMessages;
+    this.maxMemSlots = init.maxMemSlots;
     this.allocator = new ExtentAllocator(0, memory.size);
+    const single = init.regions.length === 1 && init.regions[0].offset === 0 && init.regions[0].size === memory.size;
+    if (!single) {
+      // Only memory inside a region is handed out, and never across the end of one: the last page of a
+      // region directly followed (in the memfd) by another stays reserved, as its guest address is not
+      // contiguous with the next one.
+      this.allocator.alloc(memory.size);
+      for (const r of init.regions) {
+        const followed = init.regions.some((o) => o.offset === r.offset + r.size);
+        const usable = followed ? r.size - PAGE_SIZE : r.size;
+        if (usable > 0) this.allocator.free(r.offset, usable);
+      }
+    }
   }
 
   /**
@@ -299,6 +414,7 @@ export class VhostUserBlkClient {
     const queueSize = opts.queueSize ?? 128;
     const memoryBytes = opts.memoryBytes ?? 64 * 1024 * 1024;
     const replyTimeoutMs = opts.replyTimeoutMs ?? 5000;
+    const regions = checkRegions(opts.memoryRegions ?? [{ guestAddr: 0, offset: 0, size: memoryBytes }], memoryBytes);
     if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 256) throw new RangeError(`numQueues must be 1..256, got ${numQueues}`);
     if (!Number.isInteger(queueSize) || queueSize < 1 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
       throw new RangeError(`queueSize must be a power of two in 1..32768, got ${queueSize}`);
@@ -341,10 +457,22 @@ export class VhostUserBlkClient {
       await conn.request(R.SET_FEATURES, encodeU64(features), ack);
 
       memory = SharedMemory.create(memoryBytes);
-      await conn.request(R.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: memoryBytes, userAddr: memory.addr, mmapOffset: 0 }]), { ...ack, fds: [memory.fd] });
+      const memoryMessages = opts.memoryMessages ?? 'set-mem-table';
+      let maxMemSlots = 0;
+      if (memoryMessages === 'add-mem-reg') {
+        if (!has(protocol, ProtocolFeature.CONFIGURE_MEM_SLOTS)) throw new VhostUserError('ADD_MEM_REG asked for but VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS was not negotiated');
+        const slots = await conn.request(R.GET_MAX_MEM_SLOTS, undefined, { ...t, expectReply: true });
+        if (slots.length !== 8) throw new VhostUserError(`GET_MAX_MEM_SLOTS reply is ${slots.length} bytes, expected 8`, R.GET_MAX_MEM_SLOTS);
+        maxMemSlots = Number(slots.readBigUInt64LE(0));
+        if (regions.length > maxMemSlots) throw new RangeError(`${regions.length} memory regions, the back-end has ${maxMemSlots} slots`);
+        for (const r of memTable(memory, regions)) await conn.request(R.ADD_MEM_REG, encodeMemRegion(r), { ...ack, fds: [memory.fd] });
+      } else {
+        await conn.request(R.SET_MEM_TABLE, encodeMemTable(memTable(memory, regions)), { ...ack, fds: regions.map(() => memory!.fd) });
+      }
 
       client = new VhostUserBlkClient(conn, memory, {
-        config, offered, features, offeredProtocol, protocol, maxQueues, requestTimeoutMs: opts.requestTimeoutMs ?? 0, replyTimeoutMs,
+        config, offered, features, offeredProtocol, protocol, maxQueues, requestTimeoutMs: opts.requestTimeoutMs ?? 0, replyTimeoutMs, regions,
+        memoryMessages, maxMemSlots,
       });
       for (let q = 0; q < numQueues; q++) {
         client.addQueue(queueSize);
@@ -432,6 +560,31 @@ export class VhostUserBlkClient {
   async restartQueue(q: number, base: number): Promise<void> {
     this.queueState(q);
     await this.startRing(q, base);
+  }
+
+  /**
+   * Sends SET_VRING_ENABLE for queue `q` (QEMU disables the rings before it stops them with GET_VRING_BASE);
+   * needs VHOST_USER_F_PROTOCOL_FEATURES.
+   */
+  async setQueueEnabled(q: number, enabled: boolean): Promise<void> {
+    this.queueState(q);
+    await this.connection.request(R.SET_VRING_ENABLE, encodeVringState(q, enabled ? 1 : 0), this.ack);
+  }
+
+  /**
+   * Sets the device up again as QEMU does when the guest resets it: stops every running queue
+   * (GET_VRING_BASE), sends SET_FEATURES and SET_MEM_TABLE again, clears every ring and starts it at index 0.
+   * Fails if requests are still outstanding once the queues are stopped.
+   */
+  async reinitialize(): Promise<void> {
+    for (const qs of this.queues) if (qs.running) await this.stopQueue(qs.index);
+    if (this.outstanding > 0) throw new Error(`${this.outstanding} requests still outstanding after the queues stopped`);
+    await this.connection.request(R.SET_FEATURES, encodeU64(this.features), this.ack);
+    if (this.memoryMessages === 'set-mem-table') await this.sendMemTable();
+    for (const qs of this.queues) {
+      qs.ring.reset();
+      await this.startRing(qs.index, 0);
+    }
   }
 
   /** True while queue `q` is started. */
@@ -524,7 +677,7 @@ export class VhostUserBlkClient {
         mem[block + STATUS_OFF] = STATUS_NOT_WRITTEN;
         out.forEach((seg, i) => mem.set(seg, block + outOffs[i]));
         // The chain in order: header, out segments, in segments, status.
-        const addrs = [block, ...outOffs.map((o) => block + o), ...inOffs.map((o) => block + o), block + STATUS_OFF];
+        const addrs = [block, ...outOffs.map((o) => block + o), ...inOffs.map((o) => block + o), block + STATUS_OFF].map((o) => this.guestAddress(o));
         const lens = [REQUEST_HEADER_SIZE, ...out.map((s) => s.length), ...inLengths, 1];
         const flags = addrs.map((_, i) => (i > out.length ? VIRTQ_DESC_F_WRITE : 0));
         if (indirect) {
@@ -535,7 +688,7 @@ export class VhostUserBlkClient {
             table.setUint16(16 * i + 12, flags[i] | (i < ndesc - 1 ? VIRTQ_DESC_F_NEXT : 0), true);
             table.setUint16(16 * i + 14, i < ndesc - 1 ? i + 1 : 0, true);
           }
-          qs.ring.writeDescriptor(descs[0], block + TABLE_OFF, ndesc * 16, VIRTQ_DESC_F_INDIRECT, 0);
+          qs.ring.writeDescriptor(descs[0], this.guestAddress(block + TABLE_OFF), ndesc * 16, VIRTQ_DESC_F_INDIRECT, 0);
         } else {
           qs.ring.writeChain(descs, addrs, lens, flags);
         }
@@ -587,18 +740,142 @@ export class VhostUserBlkClient {
     });
   }
 
-  /** Allocates `length` bytes of shared memory for raw descriptors (page granular). */
+  /** Allocates `length` bytes of shared memory for raw descriptors (page granular, inside one region). */
   allocDma(length: number): DmaBuffer {
     if (this.closed) throw new Error('the client is closed');
-    const gpa = this.allocator.alloc(length);
-    if (gpa < 0) throw new RangeError(`no room for ${length} bytes of shared memory`);
+    const off = this.allocator.alloc(length);
+    if (off < 0) throw new RangeError(`no room for ${length} bytes of shared memory`);
     let freed = false;
     return {
-      gpa, length, bytes: this.memory.bytes.subarray(gpa, gpa + length),
+      gpa: this.guestAddress(off), length, bytes: this.memory.bytes.subarray(off, off + length),
       free: () => {
         if (freed || this.closed) return;
         freed = true;
-        this.allocator.free(gpa, length);
+        this.allocator.free(off, length);
+        this.retryWaiting();
+      },
+    };
+  }
+
+  private async sendMemTable(): Promise<void> {
+    await this.connection.request(R.SET_MEM_TABLE, encodeMemTable(memTable(this.memory, this.regions)), {
+      ...this.ack, fds: this.regions.map(() => this.memory.fd),
+    });
+  }
+
+  /**
+   * Hot-adds guest memory region `region` (ADD_MEM_REG, or the whole table again with SET_MEM_TABLE) and
+   * lets the allocator hand it out. It must not touch an existing region, in the memfd or in guest memory.
+   */
+  async addMemoryRegion(region: GuestRegion): Promise<void> {
+    if (this.closed) throw new Error('the client is closed');
+    const next = checkRegions([...this.regions, region], this.memory.size, this.memoryMessages === 'add-mem-reg' ? this.maxMemSlots : MAX_MEM_TABLE_REGIONS);
+    if (this.regions.some((r) => r.offset + r.size === region.offset || region.offset + region.size === r.offset)) {
+      throw new RangeError('a hot-added region must not be adjacent to another one in the memfd');
+    }
+    const previous = this.regions;
+    this.regions = next;
+    try {
+      if (this.memoryMessages === 'add-mem-reg') {
+        await this.connection.request(R.ADD_MEM_REG, encodeMemRegion(memTable(this.memory, [region])[0]), { ...this.ack, fds: [this.memory.fd] });
+      } else {
+        await this.sendMemTable();
+      }
+    } catch (err) {
+      this.regions = previous;
+      throw err;
+    }
+    this.allocator.free(region.offset, region.size);
+    this.retryWaiting();
+  }
+
+  /**
+   * Hot-removes the region starting at guest address `guestAddr` (REM_MEM_REG without fds, or the whole
+   * table again with SET_MEM_TABLE). None of its memory may be in use (rings, requests, buffers).
+   */
+  async removeMemoryRegion(guestAddr: number): Promise<void> {
+    if (this.closed) throw new Error('the client is closed');
+    const region = this.regions.find((r) => r.guestAddr === guestAddr);
+    if (!region) throw new RangeError(`no memory region at guest address 0x${guestAddr.toString(16)}`);
+    if (this.regions.length === 1) throw new RangeError('cannot remove the last memory region');
+    const followed = this.regions.some((o) => o.offset === region.offset + region.size);
+    const usable = followed ? region.size - PAGE_SIZE : region.size;
+    const taken = this.allocator.reserve(region.offset, usable);
+    if (!taken) throw new RangeError(`memory region at guest address 0x${guestAddr.toString(16)} is still in use`);
+    const previous = this.regions;
+    this.regions = this.regions.filter((r) => r !== region);
+    try {
+      if (this.memoryMessages === 'add-mem-reg') {
+        await this.connection.request(R.REM_MEM_REG, encodeMemRegion(memTable(this.memory, [region])[0]), this.ack);
+      } else {
+        await this.sendMemTable();
+      }
+    } catch (err) {
+      this.regions = previous;
+      this.allocator.free(taken.start, taken.len);
+      throw err;
+    }
+  }
+
+  /** Guest physical address of byte `offset` of the shared memory; throws if no region maps it. */
+  guestAddress(offset: number): number {
+    for (const r of this.regions) {
+      if (offset >= r.offset && offset < r.offset + r.size) return r.guestAddr + (offset - r.offset);
+    }
+    throw new RangeError(`memfd offset ${offset} is in no memory region`);
+  }
+
+  /** The memfd pieces behind guest range [gpa, gpa+length), in order; throws if part of it is unmapped. */
+  private guestPieces(gpa: number, length: number): Array<{ offset: number; len: number }> {
+    const pieces: Array<{ offset: number; len: number }> = [];
+    let at = gpa;
+    const end = gpa + length;
+    while (at < end) {
+      const r = this.regions.find((x) => at >= x.guestAddr && at < x.guestAddr + x.size);
+      if (!r) throw new RangeError(`guest address 0x${at.toString(16)} is in no memory region`);
+      const len = Math.min(end, r.guestAddr + r.size) - at;
+      pieces.push({ offset: r.offset + (at - r.guestAddr), len });
+      at += len;
+    }
+    return pieces;
+  }
+
+  /**
+   * Takes the memory behind guest range [gpa, gpa+length), which may span regions that are contiguous in
+   * guest physical memory (for descriptors that cross a region boundary). Throws if any of it is in use.
+   */
+  allocGuest(gpa: number, length: number): GuestBuffer {
+    if (this.closed) throw new Error('the client is closed');
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length <= 0) throw new RangeError(`bad guest range ${gpa}+${length}`);
+    const pieces = this.guestPieces(gpa, length);
+    const taken: Array<{ start: number; len: number }> = [];
+    for (const p of pieces) {
+      const t = this.allocator.reserve(p.offset, p.len);
+      if (!t) {
+        for (const x of taken) this.allocator.free(x.start, x.len);
+        throw new RangeError(`guest range 0x${gpa.toString(16)}+${length} is (partly) in use`);
+      }
+      taken.push(t);
+    }
+    let freed = false;
+    const mem = this.memory.bytes;
+    return {
+      gpa, length,
+      read: () => Buffer.concat(pieces.map((p) => Buffer.from(mem.subarray(p.offset, p.offset + p.len)))),
+      write: (data: Uint8Array, at = 0) => {
+        if (at < 0 || at + data.length > length) throw new RangeError(`write of ${data.length} bytes at ${at} outside a ${length}-byte guest buffer`);
+        let pos = 0;
+        for (const p of pieces) {
+          const lo = Math.max(at, pos);
+          const hi = Math.min(at + data.length, pos + p.len);
+          if (lo < hi) mem.set(data.subarray(lo - at, hi - at), p.offset + (lo - pos));
+          pos += p.len;
+        }
+      },
+      free: () => {
+        if (freed || this.closed) return;
+        freed = true;
+        for (const x of taken) this.allocator.free(x.start, x.len);
         this.retryWaiting();
       },
     };
@@ -718,6 +995,18 @@ export class VhostUserBlkClient {
   /** Flushes the device's write cache; throws BlkRequestError unless the status is OK. */
   async flush(queue = 0): Promise<void> {
     this.check('flush', await this.submit(queue, { type: RequestType.FLUSH }));
+  }
+
+  /** Discards `numSectors` sectors at `sector` (needs VIRTIO_BLK_F_DISCARD); throws BlkRequestError unless the status is OK. */
+  async discard(sector: number | bigint, numSectors: number, queue = 0): Promise<void> {
+    const out = [encodeBlkRanges([{ sector, numSectors }])];
+    this.check(`discard of ${numSectors} sectors at sector ${sector}`, await this.submit(queue, { type: RequestType.DISCARD, out }));
+  }
+
+  /** Zeroes `numSectors` sectors at `sector` (needs VIRTIO_BLK_F_WRITE_ZEROES); throws BlkRequestError unless the status is OK. */
+  async writeZeroes(sector: number | bigint, numSectors: number, opts: { unmap?: boolean; queue?: number } = {}): Promise<void> {
+    const out = [encodeBlkRanges([{ sector, numSectors, flags: opts.unmap ? WRITE_ZEROES_FLAG_UNMAP : 0 }])];
+    this.check(`write zeroes of ${numSectors} sectors at sector ${sector}`, await this.submit(opts.queue ?? 0, { type: RequestType.WRITE_ZEROES, out }));
   }
 
   /** The device serial (GET_ID), without trailing NULs; throws BlkRequestError unless the status is OK. */

@@ -69,13 +69,22 @@ export class DriverQueue {
     this.freeCount = size;
   }
 
-  /** Clears the rings for a fresh start at index 0 (memory must not be in use by a device). */
-  reset(): void {
+  /**
+   * Clears the rings for a fresh start at `index` (default 0): avail.idx, used.idx, used_event and
+   * avail_event all set to it, as in a ring that has already carried that many chains. Memory must not be
+   * in use by a device.
+   */
+  reset(index = 0): void {
     new Uint8Array(this.descView.buffer, this.descView.byteOffset, this.descView.byteLength).fill(0);
     this.avail16.fill(0);
     this.used16.fill(0);
-    this.availIdx = 0;
-    this.lastUsed = 0;
+    const idx = index & 0xffff;
+    this.avail16[1] = idx;
+    this.avail16[2 + this.size] = idx;
+    this.used16[1] = idx;
+    this.used16[2 + 4 * this.size] = idx;
+    this.availIdx = idx;
+    this.lastUsed = idx;
   }
 
   /** Takes `n` free descriptor indices, or null if fewer are free. */

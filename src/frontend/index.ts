@@ -4,8 +4,8 @@
  */
 export {
   VhostUserBlkClient, BlkRequestError, decodeBlkConfig, statusName, STATUS_NOT_WRITTEN, BLK_CONFIG_READ_SIZE,
-  DRIVER_FEATURES, DRIVER_PROTOCOL_FEATURES,
-  type ClientOptions, type BlkDeviceConfig, type BlkRequest, type BlkCompletion, type RawDescriptor, type RawCompletion, type DmaBuffer,
+  DRIVER_FEATURES, DRIVER_PROTOCOL_FEATURES, WRITE_ZEROES_FLAG_UNMAP, BLK_RANGE_SIZE, encodeBlkRanges,
+  type ClientOptions, type BlkRange, type GuestRegion, type GuestBuffer, type BlkDeviceConfig, type BlkRequest, type BlkCompletion, type RawDescriptor, type RawCompletion, type DmaBuffer,
 } from './client.js';
 export { VhostUserConnection, VhostUserError, type RawReply, type RequestOptions } from './connection.js';
 export { DriverQueue, needEvent, ringSizes, type RingLayout } from './driver-queue.js';

@@ -97,6 +97,40 @@ export class ExtentAllocator {
     return -1;
   }
 
+  /**
+   * Takes exactly [start, start+len) (rounded out to whole pages) if all of it is free: returns the page
+   * aligned extent actually taken (give it back with free(extent.start, extent.len)), or null (nothing taken).
+   */
+  reserve(start: number, len: number): { start: number; len: number } | null {
+    const first = Math.floor(start / PAGE_SIZE) * PAGE_SIZE;
+    const end = Math.ceil((start + Math.max(len, 1)) / PAGE_SIZE) * PAGE_SIZE;
+    for (let i = 0; i < this.starts.length; i++) {
+      const s = this.starts[i];
+      const e = s + this.lens[i];
+      if (first < s || end > e) continue;
+      // Split [s, e) into [s, first) and [end, e).
+      const tail = e - end;
+      if (first === s) {
+        if (tail === 0) {
+          this.starts.splice(i, 1);
+          this.lens.splice(i, 1);
+        } else {
+          this.starts[i] = end;
+          this.lens[i] = tail;
+        }
+      } else {
+        this.lens[i] = first - s;
+        if (tail > 0) {
+          this.starts.splice(i + 1, 0, end);
+          this.lens.splice(i + 1, 0, tail);
+        }
+      }
+      this.freeBytes -= end - first;
+      return { start: first, len: end - first };
+    }
+    return null;
+  }
+
   /** Returns an extent given by alloc(start of, same len); throws on a double or foreign free. */
   free(start: number, len: number): void {
     const size = ExtentAllocator.roundUp(len);
