@@ -22,4 +22,14 @@ export class NullBackend implements BlockBackend {
   flush(tag: number): void {
     this.ctx.completeInline(tag, 0);
   }
+
+  /** Nothing to deallocate. */
+  discard(tag: number): void {
+    this.ctx.completeInline(tag, 0);
+  }
+
+  /** Nothing to zero. */
+  writeZeroes(tag: number): void {
+    this.ctx.completeInline(tag, 0);
+  }
 }

@@ -27,6 +27,10 @@ export interface BlockBackend {
   writev(tag: number, offset: number, iovAddr: number, iovCnt: number, len: number): void;
   /** Makes every completed write durable; completes with 0 or -errno. */
   flush(tag: number): void;
+  /** Deallocates `len` bytes at `offset` (reads then return zeros); completes with 0 or -errno. */
+  discard(tag: number, offset: number, len: number): void;
+  /** Zeroes `len` bytes at `offset`, deallocating them when `unmap`; completes with 0 or -errno (-EOPNOTSUPP when refused). */
+  writeZeroes(tag: number, offset: number, len: number, unmap: boolean): void;
 }
 
 /** A serializable description from which each worker builds its own backend instance. */

@@ -26,6 +26,18 @@ export interface BlkConfig {
   writeback: number;
   /** Number of request queues. */
   numQueues: number;
+  /** Largest discard, in 512-byte sectors (0 when DISCARD is not offered). */
+  maxDiscardSectors: number;
+  /** Ranges per discard request. */
+  maxDiscardSeg: number;
+  /** Discard alignment, in 512-byte sectors. */
+  discardSectorAlignment: number;
+  /** Largest write-zeroes, in 512-byte sectors (0 when WRITE_ZEROES is not offered). */
+  maxWriteZeroesSectors: number;
+  /** Ranges per write-zeroes request. */
+  maxWriteZeroesSeg: number;
+  /** 1 if write-zeroes may deallocate when the guest sets UNMAP. */
+  writeZeroesMayUnmap: number;
 }
 
 /** Byte offset of the `writeback` field: the only one a driver may write. */
@@ -46,7 +58,13 @@ export function encodeConfig(c: BlkConfig): Uint8Array {
   dv.setUint32(28, c.optIoSize, true);
   dv.setUint8(WRITEBACK_OFFSET, c.writeback);
   dv.setUint16(34, c.numQueues, true);
-  // Discard / write-zeroes / secure-erase limits (36..71) stay zero until those features are offered.
+  dv.setUint32(36, c.maxDiscardSectors, true);
+  dv.setUint32(40, c.maxDiscardSeg, true);
+  dv.setUint32(44, c.discardSectorAlignment, true);
+  dv.setUint32(48, c.maxWriteZeroesSectors, true);
+  dv.setUint32(52, c.maxWriteZeroesSeg, true);
+  dv.setUint8(56, c.writeZeroesMayUnmap);
+  // Secure-erase limits (60..71) stay zero: SECURE_ERASE is not offered.
   return buf;
 }
 

@@ -28,6 +28,8 @@ export interface BlkDeviceOptions {
 
 /** Largest segment we take in one descriptor: Linux then never builds a bigger bio_vec for us. */
 const SIZE_MAX = 1 << 20;
+/** Largest discard / write-zeroes range: 1 GiB in 512-byte sectors (Linux splits bigger ones). */
+export const MAX_RANGE_SECTORS = 1 << 21;
 
 /** A virtio-blk device served by worker threads. */
 export class BlkDevice implements VhostUserDevice {
@@ -48,7 +50,9 @@ export class BlkDevice implements VhostUserDevice {
     let features = bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
       | bit(Feature.BLK_SIZE_MAX) | bit(Feature.BLK_SEG_MAX) | bit(Feature.BLK_BLK_SIZE) | bit(Feature.BLK_FLUSH)
       | bit(Feature.BLK_TOPOLOGY) | bit(Feature.BLK_CONFIG_WCE) | bit(Feature.BLK_MQ);
+    // A read-only disk offers neither discard nor write-zeroes: both change what reads return.
     if (opts.backend.readOnly) features |= bit(Feature.BLK_RO);
+    else features |= bit(Feature.BLK_DISCARD) | bit(Feature.BLK_WRITE_ZEROES);
     this.features = features;
     this.protocolFeatures = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE]
       .reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
@@ -62,6 +66,12 @@ export class BlkDevice implements VhostUserDevice {
       optIoSize: 0,
       writeback: opts.writeback ? 1 : 0,
       numQueues: opts.numQueues,
+      maxDiscardSectors: opts.backend.readOnly ? 0 : MAX_RANGE_SECTORS,
+      maxDiscardSeg: opts.backend.readOnly ? 0 : 1,
+      discardSectorAlignment: opts.logicalBlockSize / 512,
+      maxWriteZeroesSectors: opts.backend.readOnly ? 0 : MAX_RANGE_SECTORS,
+      maxWriteZeroesSeg: opts.backend.readOnly ? 0 : 1,
+      writeZeroesMayUnmap: opts.backend.readOnly ? 0 : 1,
     };
     const serial = new Uint8Array(ID_BYTES);
     serial.set(Buffer.from(opts.serial, 'utf8').subarray(0, ID_BYTES));
@@ -114,6 +124,8 @@ export class BlkDevice implements VhostUserDevice {
         lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd,
         eventIdx: (r.features & bit(Feature.RING_EVENT_IDX)) !== 0n,
         indirect: (r.features & bit(Feature.RING_INDIRECT_DESC)) !== 0n,
+        discard: (r.features & bit(Feature.BLK_DISCARD)) !== 0n,
+        writeZeroes: (r.features & bit(Feature.BLK_WRITE_ZEROES)) !== 0n,
       },
     });
   }

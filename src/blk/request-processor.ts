@@ -19,13 +19,23 @@ export interface BlkSettings {
   segMax: number;
   /** Writeback cache on; off means every write is made durable before it is acknowledged. */
   writeback: boolean;
+  /** DISCARD negotiated. */
+  discard: boolean;
+  /** WRITE_ZEROES negotiated. */
+  writeZeroes: boolean;
+  /** Largest discard / write-zeroes range, in 512-byte sectors. */
+  maxRangeSectors: number;
 }
 
 /** A sink for one-line log messages. */
 export type LogFn = (level: 'debug' | 'info' | 'warn' | 'error', msg: string) => void;
 
-const enum SlotState { Free = 0, Reading, Writing, SyncAfterWrite, Flushing }
-const STATE_NAMES = ['free', 'read', 'write', 'sync after write', 'flush'];
+const enum SlotState { Free = 0, Reading, Writing, SyncAfterWrite, Flushing, Discarding, Zeroing, ZeroingByPunch }
+const STATE_NAMES = ['free', 'read', 'write', 'sync after write', 'flush', 'discard', 'write-zeroes', 'write-zeroes'];
+const EOPNOTSUPP = 95;
+/** struct virtio_blk_discard_write_zeroes: sector u64, num_sectors u32, flags u32. */
+const RANGE_SIZE = 16;
+const RANGE_FLAG_UNMAP = 1;
 
 const TWO_32 = 2 ** 32;
 
@@ -48,6 +58,11 @@ export class BlkRequestProcessor {
   private readonly slotIovEnd: Uint16Array;
   private readonly iov32: Uint32Array;
   private readonly header = new Uint8Array(REQUEST_HEADER_SIZE);
+  private readonly range = new Uint8Array(RANGE_SIZE);
+  private readonly rangeView = new DataView(this.range.buffer);
+  /** Each fallback is logged once per queue, not per request. */
+  private loggedZeroRangeFallback = false;
+  private loggedDiscardIgnored = false;
   private readonly headerView = new DataView(this.header.buffer);
   private readonly capacitySectors: number;
   private readonly iovPerSlot: number;
@@ -153,6 +168,9 @@ export class BlkRequestProcessor {
         return this.startFlush(head, statusGpa);
       case RequestType.GET_ID:
         return this.getId(head, statusGpa, readable, last);
+      case RequestType.DISCARD:
+      case RequestType.WRITE_ZEROES:
+        return this.startRange(head, statusGpa, readable, type === RequestType.DISCARD);
       default:
         return this.finishNow(head, statusGpa, Status.UNSUPP, 1);
     }
@@ -172,14 +190,64 @@ export class BlkRequestProcessor {
 
   /** Gathers the 16 header bytes from the first readable descriptors; false if there are fewer. */
   private readHeader(readable: number): boolean {
+    return this.gatherReadable(readable, 0, this.header);
+  }
+
+  /** Copies bytes [skip, skip + out.length) of the device-readable part into `out`; false if it is shorter. */
+  private gatherReadable(readable: number, skip: number, out: Uint8Array): boolean {
     const c = this.chain;
     let have = 0;
-    for (let i = 0; i < readable && have < REQUEST_HEADER_SIZE; i++) {
-      const take = Math.min(c.len[i], REQUEST_HEADER_SIZE - have);
-      if (take > 0 && !this.mem.read(c.addr[i], this.header.subarray(have, have + take))) return false;
+    for (let i = 0; i < readable && have < out.length; i++) {
+      let addr = c.addr[i];
+      let len = c.len[i];
+      if (skip > 0) {
+        const s = Math.min(skip, len);
+        addr += s;
+        len -= s;
+        skip -= s;
+      }
+      const take = Math.min(len, out.length - have);
+      if (take > 0 && !this.mem.read(addr, out.subarray(have, have + take))) return false;
       have += take;
     }
-    return have === REQUEST_HEADER_SIZE;
+    return have === out.length;
+  }
+
+  /**
+   * DISCARD / WRITE_ZEROES with one range (max_*_seg is 1, as QEMU's own export announces).
+   * Status per virtio 1.2, 5.2.6.2: unknown flags, or UNMAP on a discard, are UNSUPP; a range outside the
+   * disk or too long is IOERR.
+   */
+  private startRange(head: number, statusGpa: number, readable: number, isDiscard: boolean): void {
+    if (!(isDiscard ? this.settings.discard : this.settings.writeZeroes)) return this.finishNow(head, statusGpa, Status.UNSUPP, 1);
+    const what = isDiscard ? 'discard' : 'write-zeroes';
+    const payload = this.sumLen(0, readable) - REQUEST_HEADER_SIZE;
+    if (payload !== RANGE_SIZE) {
+      return this.malformed(head, statusGpa, `${what} with ${payload} bytes of ranges (exactly one ${RANGE_SIZE}-byte range is accepted)`);
+    }
+    if (!this.gatherReadable(readable, REQUEST_HEADER_SIZE, this.range)) return this.malformed(head, statusGpa, `${what} range is unreadable`);
+    const sector = this.rangeView.getUint32(0, true) + this.rangeView.getUint32(4, true) * TWO_32;
+    const sectors = this.rangeView.getUint32(8, true);
+    const flags = this.rangeView.getUint32(12, true);
+    if ((flags & ~RANGE_FLAG_UNMAP) !== 0 || (isDiscard && flags !== 0)) {
+      this.logError(`${this.name}: request ${head}: ${what} with flags 0x${flags.toString(16)} is not supported`);
+      return this.finishNow(head, statusGpa, Status.UNSUPP, 1);
+    }
+    if (sectors > this.settings.maxRangeSectors || sector + sectors > this.capacitySectors) {
+      return this.malformed(head, statusGpa, `${what} of ${sectors} sectors at sector ${sector} is past the end of the disk or longer than ${this.settings.maxRangeSectors} sectors`);
+    }
+    if (this.backend.readOnly) return this.finishNow(head, statusGpa, Status.IOERR, 1);
+    if (sectors === 0) return this.finishNow(head, statusGpa, Status.OK, 1);
+    const slot = this.freeSlots[--this.freeCount];
+    this.slotHead[slot] = head;
+    this.slotStatusGpa[slot] = statusGpa;
+    this.slotUsedLen[slot] = 1;
+    this.slotOffset[slot] = sector * SECTOR_SIZE;
+    this.slotRemaining[slot] = sectors * SECTOR_SIZE;
+    this.slotState[slot] = isDiscard ? SlotState.Discarding : SlotState.Zeroing;
+    this.inFlight++;
+    if (isDiscard) this.backend.discard(this.tagBase + slot, this.slotOffset[slot], this.slotRemaining[slot]);
+    else this.backend.writeZeroes(this.tagBase + slot, this.slotOffset[slot], this.slotRemaining[slot], (flags & RANGE_FLAG_UNMAP) !== 0);
   }
 
   /**
@@ -293,16 +361,36 @@ export class BlkRequestProcessor {
 
   /** Handles a backend completion for `slot`: `res` is bytes done or -errno. */
   complete(slot: number, res: number): void {
+    // `res` may be rewritten below (an ignored discard counts as done).
     const state = this.slotState[slot];
     if (state === SlotState.Free) {
       this.logError(`${this.name}: completion for idle slot ${slot} ignored`);
       return;
     }
     let status: number = Status.OK;
+    if (res === -EOPNOTSUPP && state === SlotState.Zeroing) {
+      // The filesystem refuses zero-range (tmpfs does): a punched hole reads back as zeros too.
+      if (!this.loggedZeroRangeFallback) this.log('info', `${this.name}: the image's filesystem refuses zero-range; write-zeroes punch holes instead`);
+      this.loggedZeroRangeFallback = true;
+      this.slotState[slot] = SlotState.ZeroingByPunch;
+      this.backend.writeZeroes(this.tagBase + slot, this.slotOffset[slot], this.slotRemaining[slot], true);
+      return;
+    }
+    if (res === -EOPNOTSUPP && state === SlotState.Discarding) {
+      // Discard is a hint: a filesystem that cannot deallocate leaves the data, which the spec allows.
+      if (!this.loggedDiscardIgnored) this.log('info', `${this.name}: the image's filesystem cannot punch holes; discards are acknowledged and ignored`);
+      this.loggedDiscardIgnored = true;
+      res = 0;
+    }
     if (res < 0) {
       const where = state === SlotState.Flushing ? '' : ` at byte ${this.slotOffset[slot]}`;
       this.logError(`${this.name}: ${STATE_NAMES[state]}${where} failed: errno ${-res}`);
       status = Status.IOERR;
+    } else if ((state === SlotState.Zeroing || state === SlotState.ZeroingByPunch || state === SlotState.Discarding) && !this.settings.writeback) {
+      // Writethrough covers every command that changes the disk.
+      this.slotState[slot] = SlotState.SyncAfterWrite;
+      this.backend.flush(this.tagBase + slot);
+      return;
     } else if (state === SlotState.Reading || state === SlotState.Writing) {
       if (res < this.slotRemaining[slot]) {
         if (res > 0) return this.resubmitShort(slot, res);

@@ -15,6 +15,7 @@ import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
 import { allocNative, munmap, view } from '../os/libc.js';
 import { IORING_OP_READ, IORING_OP_WRITE, IoUring } from '../os/uring.js';
 import { SplitQueue } from '../virtqueue/split.js';
+import { MAX_RANGE_SECTORS } from '../blk/device.js';
 import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
 
 const IORING_OP_ASYNC_CANCEL = 14;
@@ -58,7 +59,7 @@ const ctx: IoContext = { ring, completeInline: (tag, res) => { inline.push(tag, 
 const backend: BlockBackend = init.backend.kind === 'file'
   ? new FileBackend(ctx, init.backend.fd, init.backend.sizeBytes, init.backend.readOnly)
   : new NullBackend(ctx, init.backend.sizeBytes, init.backend.readOnly);
-const settings: BlkSettings = { serial: init.serial, segMax: init.segMax, writeback: init.writeback };
+const settings: BlkSettings = { serial: init.serial, segMax: init.segMax, writeback: init.writeback, discard: false, writeZeroes: false, maxRangeSectors: MAX_RANGE_SECTORS };
 const runners: Array<Runner | undefined> = [];
 let memory = GuestMemory.empty();
 /** A memory table waiting for in-flight requests to drain, and the reply id for it. */
@@ -116,6 +117,9 @@ function startQueue(p: StartQueue): void {
     availAddr: translate(memory, 'available ring', p.availUserAddr, 6 + p.size * 2),
     usedAddr: translate(memory, 'used ring', p.usedUserAddr, 6 + p.size * 8),
   };
+  // Features are per connection, and one connection owns the device: the last ring start says.
+  settings.discard = p.discard;
+  settings.writeZeroes = p.writeZeroes;
   const size = BlkRequestProcessor.iovBytes(p.size, settings.segMax);
   const iovMem = allocNative(size);
   let built;

@@ -33,6 +33,8 @@ export interface WorkerInit {
 export interface StartQueue extends Omit<RingStart, 'features'> {
   eventIdx: boolean;
   indirect: boolean;
+  discard: boolean;
+  writeZeroes: boolean;
 }
 
 /** Control thread → worker. `id` pairs the reply. */

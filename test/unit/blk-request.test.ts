@@ -49,7 +49,9 @@ interface Iov {
 }
 
 interface Call {
-  op: "readv" | "writev" | "flush";
+  op: "readv" | "writev" | "flush" | "discard" | "writeZeroes";
+  /** writeZeroes only: the guest allowed deallocation. */
+  unmap?: boolean;
   tag: number;
   offset: number;
   iovAddr: number;
@@ -88,6 +90,12 @@ class FakeBackend implements BlockBackend {
   flush(tag: number): void {
     this.calls.push({ op: "flush", tag, offset: -1, iovAddr: 0, iovCnt: 0, len: 0, iovs: [] });
   }
+  discard(tag: number, offset: number, len: number): void {
+    this.calls.push({ op: "discard", tag, offset, iovAddr: 0, iovCnt: 0, len, iovs: [] });
+  }
+  writeZeroes(tag: number, offset: number, len: number, unmap: boolean): void {
+    this.calls.push({ op: "writeZeroes", tag, offset, iovAddr: 0, iovCnt: 0, len, iovs: [], unmap });
+  }
 
   /** Returns and forgets the calls made so far. */
   take(): Call[] {
@@ -106,6 +114,8 @@ interface EnvOptions {
   readOnly?: boolean;
   /** Submit requests through indirect tables (one direct descriptor each). */
   indirect?: boolean;
+  /** DISCARD / WRITE_ZEROES negotiated. */
+  ranges?: boolean;
 }
 
 /** A request built with the standard framing: header, one descriptor per data segment, 1-byte status. */
@@ -144,6 +154,9 @@ class Env {
       serial: new TextEncoder().encode(o.serial ?? "vhost-blk-0001"),
       segMax: o.segMax ?? 8,
       writeback: o.writeback ?? true,
+      discard: o.ranges ?? false,
+      writeZeroes: o.ranges ?? false,
+      maxRangeSectors: 1024,
     };
     this.iovArea = new ArrayBuffer(BlkRequestProcessor.iovBytes(this.size, this.settings.segMax));
     this.backend = new FakeBackend(o.diskBytes ?? 1 << 20, o.readOnly ?? false, (a, n) => this.decodeIovs(a, n));
@@ -1323,5 +1336,99 @@ describe("slots and notification state", () => {
       () => new BlkRequestProcessor(e.q, e.mem, e.backend, e.settings, small, IOV_ADDR, 0, () => {}, "x"),
       RangeError,
     );
+  });
+});
+
+describe("DISCARD and WRITE_ZEROES", () => {
+  /** Submits header + one 16-byte range (or `ranges` raw bytes) + status. */
+  function rangeReq(e: Env, type: number, sector: number, sectors: number, flags: number, extra = 0): { head: number; st: number } {
+    const hdr = e.header(type, 0);
+    const r = e.alloc(16 + extra);
+    const dv = new DataView(e.view(r, 16 + extra).buffer, e.view(r, 16 + extra).byteOffset, 16 + extra);
+    dv.setUint32(0, sector >>> 0, true);
+    dv.setUint32(4, Math.floor(sector / 2 ** 32), true);
+    dv.setUint32(8, sectors, true);
+    dv.setUint32(12, flags, true);
+    const st = e.statusBuf();
+    const head = e.submit([{ addr: hdr, len: 16 }, { addr: r, len: 16 + extra }, { addr: st, len: 1, write: true }]);
+    e.proc.pump();
+    return { head, st };
+  }
+
+  test("a discard punches the byte range it names and completes OK", () => {
+    const e = new Env({ ranges: true });
+    const r = rangeReq(e, RequestType.DISCARD, 8, 16, 0);
+    const c = e.one();
+    assert.equal(c.op, "discard");
+    assert.equal(c.offset, 8 * 512);
+    assert.equal(c.len, 16 * 512);
+    e.proc.complete(c.tag - TAG_BASE, 0);
+    e.expectDone(r.head, r.st, Status.OK, 1);
+  });
+
+  test("write-zeroes passes the UNMAP flag through, and falls back to punching holes when zero-range is refused", () => {
+    const e = new Env({ ranges: true });
+    const a = rangeReq(e, RequestType.WRITE_ZEROES, 0, 8, 1);
+    const ca = e.one();
+    assert.deepEqual([ca.op, ca.unmap, ca.offset, ca.len], ["writeZeroes", true, 0, 4096]);
+    e.proc.complete(ca.tag - TAG_BASE, 0);
+    e.expectDone(a.head, a.st, Status.OK, 1);
+    const b = rangeReq(e, RequestType.WRITE_ZEROES, 100, 4, 0);
+    const cb = e.one();
+    assert.equal(cb.unmap, false);
+    e.proc.complete(cb.tag - TAG_BASE, -95 /* EOPNOTSUPP */);
+    const retry = e.one();
+    assert.deepEqual([retry.op, retry.unmap, retry.offset, retry.len], ["writeZeroes", true, 100 * 512, 4 * 512]);
+    assert.deepEqual(e.drv.takeUsed(), [], "not complete before the fallback finishes");
+    e.proc.complete(retry.tag - TAG_BASE, 0);
+    e.expectDone(b.head, b.st, Status.OK, 1);
+  });
+
+  test("a discard the filesystem cannot do is acknowledged (discard is a hint); other errors are IOERR", () => {
+    const e = new Env({ ranges: true });
+    const a = rangeReq(e, RequestType.DISCARD, 0, 8, 0);
+    e.proc.complete(e.one().tag - TAG_BASE, -95);
+    e.expectDone(a.head, a.st, Status.OK, 1);
+    const b = rangeReq(e, RequestType.WRITE_ZEROES, 0, 8, 1);
+    e.proc.complete(e.one().tag - TAG_BASE, -5);
+    e.expectDone(b.head, b.st, Status.IOERR, 1);
+  });
+
+  test("UNMAP on a discard and unknown flags are UNSUPP; ranges past the end, too long or more than one are IOERR", () => {
+    const e = new Env({ ranges: true, diskBytes: 1 << 20 });
+    const cases: Array<[number, number, number, number, number, number]> = [
+      [RequestType.DISCARD, 0, 8, 1, 0, Status.UNSUPP],
+      [RequestType.WRITE_ZEROES, 0, 8, 2, 0, Status.UNSUPP],
+      [RequestType.DISCARD, 2040, 16, 0, 0, Status.IOERR], // straddles the end of a 2048-sector disk
+      [RequestType.WRITE_ZEROES, 0, 1025, 0, 0, Status.IOERR], // longer than maxRangeSectors
+      [RequestType.DISCARD, 0, 8, 0, 16, Status.IOERR], // two ranges
+    ];
+    for (const [type, sector, sectors, flags, extra, status] of cases) {
+      const r = rangeReq(e, type, sector, sectors, flags, extra);
+      e.noBackend();
+      e.expectDone(r.head, r.st, status, 1);
+    }
+  });
+
+  test("without the features negotiated both are UNSUPP; a read-only disk refuses them with IOERR", () => {
+    const off = new Env({ ranges: false });
+    const a = rangeReq(off, RequestType.WRITE_ZEROES, 0, 8, 0);
+    off.noBackend();
+    off.expectDone(a.head, a.st, Status.UNSUPP, 1);
+    const ro = new Env({ ranges: true, readOnly: true });
+    const b = rangeReq(ro, RequestType.DISCARD, 0, 8, 0);
+    ro.noBackend();
+    ro.expectDone(b.head, b.st, Status.IOERR, 1);
+  });
+
+  test("in writethrough mode write-zeroes is made durable before it completes", () => {
+    const e = new Env({ ranges: true, writeback: false });
+    const r = rangeReq(e, RequestType.WRITE_ZEROES, 0, 8, 0);
+    e.proc.complete(e.one().tag - TAG_BASE, 0);
+    const f = e.one();
+    assert.equal(f.op, "flush");
+    assert.deepEqual(e.drv.takeUsed(), []);
+    e.proc.complete(f.tag - TAG_BASE, 0);
+    e.expectDone(r.head, r.st, Status.OK, 1);
   });
 });
