@@ -45,6 +45,7 @@ const HELP = `Usage: vhost-blk <command> [options]
 
 Commands:
   serve     Serve a disk image over vhost-user-blk (see: vhost-blk serve --help)
+  bench     Compare this daemon, qemu-storage-daemon and the bare image (see: vhost-blk bench --help)
 `;
 
 /** Parsed and checked `serve` options. */
@@ -243,6 +244,7 @@ export async function main(argv: string[]): Promise<void> {
   try {
     let code: number;
     if (cmd === 'serve') code = await serve(rest);
+    else if (cmd === 'bench') code = await (await import('../bench/bench.js')).benchMain(rest);
     else if (cmd === undefined || cmd === '-h' || cmd === '--help' || cmd === 'help') {
       process.stdout.write(HELP);
       code = cmd === undefined ? 2 : 0;
