@@ -24,6 +24,8 @@ export interface BlkDeviceOptions {
   writeback: boolean;
   logicalBlockSize: number;
   physicalBlockSize: number;
+  /** Poll the rings this long after work before sleeping (µs). */
+  pollUs: number;
 }
 
 /** Largest segment we take in one descriptor: Linux then never builds a bigger bio_vec for us. */
@@ -76,7 +78,7 @@ export class BlkDevice implements VhostUserDevice {
     const serial = new Uint8Array(ID_BYTES);
     serial.set(Buffer.from(opts.serial, 'utf8').subarray(0, ID_BYTES));
     this.workers = Array.from({ length: opts.threads }, (_, index) => new QueueWorker({
-      index, backend: opts.backend, serial, segMax, maxQueueSize: opts.queueSize, writeback: opts.writeback,
+      index, backend: opts.backend, serial, segMax, maxQueueSize: opts.queueSize, writeback: opts.writeback, pollUs: opts.pollUs,
     }, log));
   }
 

@@ -190,6 +190,17 @@ export class BlkRequestProcessor {
 
   /** Gathers the 16 header bytes from the first readable descriptors; false if there are fewer. */
   private readHeader(readable: number): boolean {
+    const c = this.chain;
+    // Fast path (every Linux request): the header is the start of the first descriptor, in one region.
+    if (readable > 0 && c.len[0] >= REQUEST_HEADER_SIZE) {
+      const i = this.mem.findRegion(c.addr[0], REQUEST_HEADER_SIZE);
+      if (i >= 0) {
+        const r = this.mem.regions[i];
+        const off = c.addr[0] - r.guestAddr;
+        for (let k = 0; k < REQUEST_HEADER_SIZE; k++) this.header[k] = r.bytes[off + k];
+        return true;
+      }
+    }
     return this.gatherReadable(readable, 0, this.header);
   }
 

@@ -36,6 +36,8 @@ Options:
   --serial TEXT              What GET_ID returns, at most 20 bytes (default: derived from the image path).
   --logical-block-size N     512..65536, a power of two (default 512).
   --physical-block-size N    A power-of-two multiple of the logical size (default 4096).
+  --poll-us N                After serving requests, poll the rings this long for the next one before
+                             sleeping, sparing the guest a kick (0..1000 µs, default 32; 0 = never).
   --socket-mode MODE         Octal file mode of the socket (default 0600).
   --log-level LEVEL          debug, info, warn or error (default info).
   -h, --help                 Show this help.
@@ -65,6 +67,7 @@ export interface ServeOptions {
   physicalBlockSize: number;
   socketMode: number;
   logLevel: LogLevel;
+  pollUs: number;
 }
 
 function intOption(name: string, raw: string | undefined, def: number, min: number, max: number): number {
@@ -102,7 +105,7 @@ export function parseServeArgs(argv: string[]): ServeOptions | 'help' {
         direct: { type: 'boolean' }, readonly: { type: 'boolean' }, 'num-queues': { type: 'string' },
         'queue-size': { type: 'string' }, threads: { type: 'string' }, writeback: { type: 'string' },
         serial: { type: 'string' }, 'logical-block-size': { type: 'string' }, 'physical-block-size': { type: 'string' },
-        'socket-mode': { type: 'string' }, 'log-level': { type: 'string' }, help: { type: 'boolean', short: 'h' },
+        'socket-mode': { type: 'string' }, 'log-level': { type: 'string' }, 'poll-us': { type: 'string' }, help: { type: 'boolean', short: 'h' },
       },
     }));
   } catch (err) {
@@ -134,7 +137,7 @@ export function parseServeArgs(argv: string[]): ServeOptions | 'help' {
     socket: values.socket, image: values.image ?? null, backend, size: values.size ? parseSize('size', values.size) : 2 ** 30,
     direct: values.direct ?? false, readonly: values.readonly ?? false, numQueues, queueSize, threads,
     writeback: writebackRaw === 'on', serial: values.serial ?? null, logicalBlockSize, physicalBlockSize,
-    socketMode: parseInt(modeRaw, 8), logLevel,
+    socketMode: parseInt(modeRaw, 8), logLevel, pollUs: intOption('poll-us', values['poll-us'], 32, 0, 1000),
   };
 }
 
@@ -216,7 +219,7 @@ async function serve(argv: string[]): Promise<number> {
   }
   const device = new BlkDevice({
     backend: spec, numQueues: o.numQueues, queueSize: o.queueSize, threads: o.threads, serial,
-    writeback: o.writeback, logicalBlockSize: o.logicalBlockSize, physicalBlockSize: o.physicalBlockSize,
+    writeback: o.writeback, logicalBlockSize: o.logicalBlockSize, physicalBlockSize: o.physicalBlockSize, pollUs: o.pollUs,
   }, log);
   const server = new Server(listener, device, log);
   log.info(`serving ${imagePath} (${spec.sizeBytes} bytes${o.readonly ? ', read-only' : ''}${o.direct ? ', O_DIRECT' : ''}) with ${o.numQueues} queue(s) on ${o.threads} thread(s)`);

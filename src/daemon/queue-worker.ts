@@ -170,12 +170,15 @@ function finishStop(r: Runner): void {
   post({ op: 'reply', id: r.stopId, lastAvailIdx: r.queue.lastAvailIdx });
 }
 
-function flushNotifications(r: Runner, force: boolean): void {
-  if (!r.proc.hasNewUsed) return;
+/** Queues a call notification when the guest wants one; returns true if it did. */
+function flushNotifications(r: Runner, force: boolean): boolean {
+  if (!r.proc.hasNewUsed) return false;
   r.proc.hasNewUsed = false;
   if ((r.queue.shouldNotify() || force) && r.callFd >= 0) {
     ring.prep(IORING_OP_WRITE, r.callFd, scratch.addr, 8, 0, 0, CALL_BASE + r.index);
+    return true;
   }
+  return false;
 }
 
 function handleControl(msg: ToWorker): void {
@@ -232,7 +235,12 @@ function onCompletion(tag: number, res: number): void {
   if (tag < REQ_LIMIT) {
     const r = runners[Math.floor(tag / 65536)];
     if (!r) return log('warn', `${name}: completion for a stopped queue (tag ${tag}) ignored`);
-    return guarded(r, () => r.proc.complete(tag % 65536, res));
+    try {
+      r.proc.complete(tag % 65536, res);
+    } catch (err) {
+      stopAfterInternalError(r, err);
+    }
+    return;
   }
   if (tag >= KICK_BASE && tag < CALL_BASE) {
     const q = (tag - KICK_BASE) % MAX_QUEUES;
@@ -257,14 +265,10 @@ function onCompletion(tag: number, res: number): void {
   }
 }
 
-/** Runs `fn` for a queue; an exception stops that queue only, never the worker. */
-function guarded(r: Runner, fn: () => void): void {
-  try {
-    fn();
-  } catch (err) {
-    log('error', `${name}: queue ${r.index} stopped after an internal error: ${(err as Error).stack ?? err}`);
-    r.queue.broken = true;
-  }
+/** An exception in a queue's processing stops that queue only, never the worker. */
+function stopAfterInternalError(r: Runner, err: unknown): void {
+  log('error', `${name}: queue ${r.index} stopped after an internal error: ${(err as Error).stack ?? err}`);
+  r.queue.broken = true;
 }
 
 function drainInline(): boolean {
@@ -276,26 +280,60 @@ function drainInline(): boolean {
   return true;
 }
 
+const pollNs = init.pollUs * 1000;
+
+/** Spins up to pollNs for a new request on any serving queue; true if one came. */
+function pollForRequests(): boolean {
+  const deadline = process.hrtime.bigint() + BigInt(pollNs);
+  do {
+    for (const r of runners) {
+      if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.hasAvailable()) return true;
+    }
+  } while (process.hrtime.bigint() < deadline);
+  return false;
+}
+
+/** Pops and starts a queue's available requests; an exception stops that queue only, never the worker. */
+function pump(r: Runner): boolean {
+  try {
+    return r.proc.pump() > 0;
+  } catch (err) {
+    stopAfterInternalError(r, err);
+    return false;
+  }
+}
+
+/**
+ * The worker loop. It keeps going without a system call while there is work the kernel is not needed
+ * for; it enters the kernel at once only to deliver a guest notification; otherwise one
+ * io_uring_enter both submits the batch and sleeps until a completion, kick or control message.
+ */
 function loop(): void {
   armControl();
+  let didWork = false;
   for (;;) {
     let progress = drainInline();
+    let notified = false;
     for (const r of runners) {
       if (!r) continue;
-      if (r.stopId === -1 && !r.queue.broken && !pendingMemory) guarded(r, () => { if (r.proc.pump() > 0) progress = true; });
+      if (r.stopId === -1 && !r.queue.broken && !pendingMemory && pump(r)) progress = true;
       progress = drainInline() || progress;
-      flushNotifications(r, false);
+      notified = flushNotifications(r, false) || notified;
       if (r.stopId !== -1 && r.proc.inFlight === 0) {
         if (r.stopId === -2) { disarmKick(r); runners[r.index] = undefined; } else finishStop(r);
       }
     }
     applyPendingMemory();
     if (exitId >= 0 && runners.every((r) => !r)) break;
-    if (progress) {
+    if (notified) {
+      // The guest waits for this interrupt: hand it to the kernel now, and pick up what completed.
       ring.enter(0);
       ring.reap(onCompletion);
-      continue;
     }
+    if (progress) continue;
+    // Right after work, the guest often sends the next request within microseconds: polling for it
+    // spares the guest a kick and us a wakeup. Only with nothing left to submit, so no I/O waits on it.
+    if (pollNs > 0 && didWork && ring.pendingCount === 0 && pollForRequests()) continue;
     // About to sleep: let the guest kick us again, unless work slipped in meanwhile.
     for (const r of runners) {
       if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.enableNotifications()) progress = true;
@@ -303,7 +341,7 @@ function loop(): void {
     if (progress) continue;
     ring.enter(1);
     for (const r of runners) if (r && !r.queue.broken) r.queue.disableNotifications();
-    ring.reap(onCompletion);
+    didWork = ring.reap(onCompletion) > 0;
   }
   ring.submit();
   ring.close();

@@ -27,6 +27,8 @@ export interface WorkerInit {
   maxQueueSize: number;
   /** Initial write-cache mode. */
   writeback: boolean;
+  /** How long to poll the rings for new requests after work, before sleeping (µs; 0 = never). */
+  pollUs: number;
 }
 
 /** Parameters to start serving one virtqueue: the ring as the protocol set it up, features resolved. */

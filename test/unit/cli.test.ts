@@ -33,6 +33,7 @@ const cases: Array<[string, string[], RegExp]> = [
   ['bad backend', ['--socket', sock, '--backend', 'tape'], /--backend must be 'file' or 'null', got 'tape'/],
   ['image smaller than a block', ['--socket', sock, '--image', join(dir, 'tiny')], /smaller than one 512-byte block/],
   ['bad socket mode', ['--socket', sock, '--image', image, '--socket-mode', '999'], /--socket-mode must be an octal mode/],
+  ['poll time too long', ['--socket', sock, '--image', image, '--poll-us', '5000'], /--poll-us must be between 0 and 1000, got 5000/],
 ];
 
 for (const [name, args, message] of cases) {
@@ -59,7 +60,7 @@ test('serve --help documents every option', () => {
   const r = spawnSync(BIN, ['serve', '--help'], { encoding: 'utf8', timeout: 20_000 });
   assert.equal(r.status, 0);
   for (const opt of ['--socket', '--image', '--backend', '--size', '--direct', '--readonly', '--num-queues', '--queue-size',
-    '--threads', '--writeback', '--serial', '--logical-block-size', '--physical-block-size', '--socket-mode', '--log-level']) {
+    '--threads', '--writeback', '--serial', '--logical-block-size', '--physical-block-size', '--socket-mode', '--log-level', '--poll-us']) {
     assert.match(r.stdout, new RegExp(`^\\s+${opt}\\b`, 'm'), `${opt} is documented`);
   }
 });
