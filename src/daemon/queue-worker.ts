@@ -41,6 +41,10 @@ interface Runner {
   kickFd: number;
   callFd: number;
   kickGen: number;
+  /** A READ on the kick eventfd is in the ring. */
+  kickArmed: boolean;
+  /** The kick eventfd failed: never re-armed. */
+  kickFailed: boolean;
   iov: { addr: number; buffer: ArrayBuffer; size: number };
   /** What the queue was started with (ring addresses translated to guest physical ones). */
   params: StartQueue;
@@ -80,11 +84,14 @@ function armControl(): void {
 }
 
 function armKick(r: Runner): void {
+  r.kickArmed = true;
   ring.prep(IORING_OP_READ, r.kickFd, scratch.addr + 64 + r.index * 8, 8, 0, 0, KICK_BASE + r.index + MAX_QUEUES * r.kickGen);
 }
 
 /** Cancels the kick read in flight; its completion (and any late one) is ignored by generation. */
 function disarmKick(r: Runner): void {
+  if (!r.kickArmed) return;
+  r.kickArmed = false;
   ring.prep(IORING_OP_ASYNC_CANCEL, -1, KICK_BASE + r.index + MAX_QUEUES * r.kickGen, 0, 0, 0, CANCEL_TAG);
   r.kickGen = (r.kickGen + 1) % KICK_GENS;
 }
@@ -129,7 +136,7 @@ function startQueue(p: StartQueue): void {
     munmap(iovMem.addr, size);
     throw err;
   }
-  const r: Runner = { index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, iov: { ...iovMem, size }, stopId: -1, params: p, gpas };
+  const r: Runner = { index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, kickArmed: false, kickFailed: false, iov: { ...iovMem, size }, stopId: -1, params: p, gpas };
   runners[p.queue] = r;
   armKick(r);
   log('debug', `${name}: queue ${p.queue} started: size ${p.size}, next avail ${p.lastAvailIdx}, event_idx ${p.eventIdx}`);
@@ -233,6 +240,7 @@ function drainControl(): void {
 
 function onCompletion(tag: number, res: number): void {
   if (tag < REQ_LIMIT) {
+    requestCompletions++;
     const r = runners[Math.floor(tag / 65536)];
     if (!r) return log('warn', `${name}: completion for a stopped queue (tag ${tag}) ignored`);
     try {
@@ -247,11 +255,15 @@ function onCompletion(tag: number, res: number): void {
     const gen = Math.floor((tag - KICK_BASE) / MAX_QUEUES);
     const r = runners[q];
     if (!r || gen !== r.kickGen) return; // a cancelled or superseded kick read
+    r.kickArmed = false;
     if (res < 0) {
-      if (res !== -ECANCELED) log('error', `${name}: queue ${q}: reading the kick eventfd failed: errno ${-res}; kicks are ignored from now on`);
+      if (res !== -ECANCELED) {
+        log('error', `${name}: queue ${q}: reading the kick eventfd failed: errno ${-res}; the queue is only polled from now on`);
+        r.kickFailed = true;
+      }
       return;
     }
-    armKick(r);
+    // Re-armed only before the next sleep: while awake the loop watches the rings itself.
     return;
   }
   if (tag >= CALL_BASE && tag < CONTROL_TAG) {
@@ -264,6 +276,9 @@ function onCompletion(tag: number, res: number): void {
     if (exitId < 0) armControl();
   }
 }
+
+/** Request completions reaped so far: a wakeup that brought none (a stray kick) did no work. */
+let requestCompletions = 0;
 
 /** An exception in a queue's processing stops that queue only, never the worker. */
 function stopAfterInternalError(r: Runner, err: unknown): void {
@@ -280,17 +295,36 @@ function drainInline(): boolean {
   return true;
 }
 
-const pollNs = init.pollUs * 1000;
+/** The longest poll (ns); the current window adapts below it, as QEMU's IOThread polling does. */
+const pollMaxNs = init.pollUs * 1000;
+let pollWindowNs = pollMaxNs;
+/** Windows below this are not worth polling: the clock reads alone would eat them. */
+const POLL_MIN_NS = 1000;
 
-/** Spins up to pollNs for a new request on any serving queue; true if one came. */
+/**
+ * Spins up to the current window for a new request on any serving queue; true if one came. A poll that
+ * finds nothing halves the window (polling then stops wasting a core another thread could use); one that
+ * pays off doubles it, up to --poll-us.
+ */
 function pollForRequests(): boolean {
-  const deadline = process.hrtime.bigint() + BigInt(pollNs);
+  if (pollWindowNs < POLL_MIN_NS) return false;
+  const start = process.hrtime.bigint();
+  const deadline = start + BigInt(pollWindowNs);
   do {
     for (const r of runners) {
-      if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.hasAvailable()) return true;
+      if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.hasAvailable()) {
+        pollWindowNs = Math.min(pollMaxNs, Math.max(POLL_MIN_NS, pollWindowNs * 2));
+        return true;
+      }
     }
   } while (process.hrtime.bigint() < deadline);
+  pollWindowNs = Math.floor(pollWindowNs / 2);
   return false;
+}
+
+/** After a sleep: if an event came within the longest poll, polling would have caught it: grow. */
+function adaptAfterSleep(sleptNs: number, woke: boolean): void {
+  if (pollMaxNs > 0 && woke && sleptNs < pollMaxNs) pollWindowNs = Math.min(pollMaxNs, Math.max(POLL_MIN_NS, pollWindowNs * 2));
 }
 
 /** Pops and starts a queue's available requests; an exception stops that queue only, never the worker. */
@@ -330,18 +364,28 @@ function loop(): void {
       ring.enter(0);
       ring.reap(onCompletion);
     }
-    if (progress) continue;
+    if (progress) {
+      didWork = true;
+      continue;
+    }
     // Right after work, the guest often sends the next request within microseconds: polling for it
     // spares the guest a kick and us a wakeup. Only with nothing left to submit, so no I/O waits on it.
-    if (pollNs > 0 && didWork && ring.pendingCount === 0 && pollForRequests()) continue;
+    if (pollMaxNs > 0 && didWork && ring.pendingCount === 0 && pollForRequests()) continue;
     // About to sleep: let the guest kick us again, unless work slipped in meanwhile.
     for (const r of runners) {
       if (r && r.stopId === -1 && !r.queue.broken && !pendingMemory && r.queue.enableNotifications()) progress = true;
     }
     if (progress) continue;
+    for (const r of runners) if (r && !r.kickArmed && !r.kickFailed && r.stopId === -1) armKick(r);
+    const sleepStart = pollMaxNs > 0 ? process.hrtime.bigint() : 0n;
     ring.enter(1);
     for (const r of runners) if (r && !r.queue.broken) r.queue.disableNotifications();
-    didWork = ring.reap(onCompletion) > 0;
+    const before = requestCompletions;
+    const events = ring.reap(onCompletion);
+    didWork = requestCompletions > before;
+    // A kick or a completion this soon means polling would have caught it (null backends complete
+    // inline, so a kick is their only event).
+    if (pollMaxNs > 0) adaptAfterSleep(Number(process.hrtime.bigint() - sleepStart), events > 0);
   }
   ring.submit();
   ring.close();

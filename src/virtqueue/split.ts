@@ -368,8 +368,10 @@ export class SplitQueue {
 
   /** Asks the driver to stop kicking while we are busy polling the queue anyway. */
   disableNotifications(): void {
-    // With EVENT_IDX, leaving avail_event behind already suppresses kicks: nothing to write.
-    if (!this.eventIdx) Atomics.store(this.used16, 0, VRING_USED_F_NO_NOTIFY);
+    // With EVENT_IDX, avail_event one behind the next index means the driver's next buffer does not
+    // cross it (vring_need_event is false), so it does not kick; left at lastAvail it would.
+    if (this.eventIdx) Atomics.store(this.used16, this.availEventIndex, (this.lastAvail - 1) & 0xffff);
+    else Atomics.store(this.used16, 0, VRING_USED_F_NO_NOTIFY);
   }
 
   /** Re-arms driver kicks; returns true if buffers are already available (a kick may have been suppressed: keep processing). */

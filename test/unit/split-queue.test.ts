@@ -597,13 +597,17 @@ describe("notifications with EVENT_IDX", () => {
     drv.publish(0);
     drv.publish(0);
     const c = new DescriptorChain(SIZE);
+    // The driver's kick decision for publishing one buffer when avail.idx is `idx` (virtio 1.2, 2.7.10).
+    const driverKicks = (idx: number) => ((idx + 1 - drv.availEvent() - 1) & 0xffff) < 1;
     q.disableNotifications();
     assert.equal(drv.usedFlags(), 0, "EVENT_IDX does not use used.flags");
-    assert.equal(drv.availEvent(), 0, "disable leaves avail_event behind");
+    assert.equal(drv.availEvent(), 299, "disable puts avail_event one behind the next index");
+    assert.equal(driverKicks(300), false, "so the driver's next buffer does not kick");
     assert.equal(q.popChain(c), 0);
     assert.equal(q.popChain(c), 0);
     assert.equal(q.enableNotifications(), false);
     assert.equal(drv.availEvent(), 302);
+    assert.equal(driverKicks(302), true, "after enable the driver's next buffer kicks");
     assert.equal(drv.usedFlags(), 0);
 
     // A buffer published while we were not watching: enable must say so.
