@@ -22,7 +22,7 @@ const QSD = which('qemu-storage-daemon');
 if (!QSD) {
   test('vhost-user-blk conformance: qemu-storage-daemon', { skip: 'qemu-storage-daemon is not installed (apt-get install qemu-system-common)' }, () => {});
 } else {
-  defineConformanceSuite('qemu-storage-daemon', (image, { numQueues }) => {
+  defineConformanceSuite('qemu-storage-daemon', (image, { numQueues, readOnly }) => {
     const socket = join(dirname(image), 'qsd.sock');
     // QEMU option syntax: a comma inside a value is written twice.
     const esc = (s: string) => s.replace(/,/g, ',,');
@@ -31,7 +31,7 @@ if (!QSD) {
       command: QSD,
       args: [
         '--blockdev', `driver=file,node-name=file0,filename=${esc(image)}`,
-        '--export', `type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=${esc(socket)},writable=on,num-queues=${numQueues}`,
+        '--export', `type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=${esc(socket)},writable=${readOnly ? 'off' : 'on'},num-queues=${numQueues}`,
       ],
       socket,
     });

@@ -19,6 +19,7 @@ import {
 } from '../../src/frontend/index.js';
 import { Feature, RequestType, Status } from '../../src/blk/constants.js';
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtqueue/split.js';
+import { pageCacheState } from '../page-cache.js';
 import {
   FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE, encodeConfig, encodeU64,
 } from '../../src/vhost-user/messages.js';
@@ -35,8 +36,8 @@ export interface ConformanceBackend {
   running?(): boolean;
 }
 
-/** Starts a back-end serving `imagePath` with `numQueues` request queues. */
-export type StartBackend = (imagePath: string, opts: { numQueues: number }) => Promise<ConformanceBackend>;
+/** Starts a back-end serving `imagePath` with `numQueues` request queues (read-only: offering VIRTIO_BLK_F_RO). */
+export type StartBackend = (imagePath: string, opts: { numQueues: number; readOnly?: boolean }) => Promise<ConformanceBackend>;
 
 /** Known-failure key: abrupt disconnects with requests in flight. */
 export const ABRUPT_INFLIGHT = 'abrupt-disconnect-inflight';
@@ -354,15 +355,15 @@ export function defineConformanceSuite(name: string, startBackend: StartBackend,
 
     /**
      * Runs `fn` against a second backend instance on an image of its own (for tests a backend is known to
-     * crash or drop the connection on), then stops it and checks it exits 0.
+     * crash or drop the connection on, or that need it read-only), then stops it and checks it exits 0.
      */
-    async function withOwnBackend(label: string, fn: (target: ConformanceBackend, image: string) => Promise<void>): Promise<void> {
+    async function withOwnBackend(label: string, fn: (target: ConformanceBackend, image: string) => Promise<void>, readOnly = false): Promise<void> {
       const sub = join(dir, label);
       mkdirSync(sub);
       const image2 = join(sub, 'disk.raw');
       closeSync(openSync(image2, 'w'));
       truncateSync(image2, IMAGE_BYTES);
-      const b2 = await startBackend(image2, { numQueues: NUM_QUEUES });
+      const b2 = await startBackend(image2, { numQueues: NUM_QUEUES, readOnly });
       let done = false;
       try {
         await fn(b2, image2);
@@ -694,6 +695,82 @@ export function defineConformanceSuite(name: string, startBackend: StartBackend,
           assertBytes(readImage(image, sector * SECTOR, 4096), pattern(4096, 850 + wce), `image file with writeback ${wce}`);
         }
       });
+    });
+
+    test('CONFIG_WCE: with writeback 0, a completed write is durable, on every queue (no dirty host page cache left)', { timeout: TEST_TIMEOUT }, async (t) => {
+      await withClient({ numQueues: NUM_QUEUES }, async (c) => {
+        if (!has(c.offeredFeatures, Feature.BLK_CONFIG_WCE)) {
+          t.skip('backend does not offer CONFIG_WCE');
+          return;
+        }
+        if (!pageCacheState(image, 0, SECTOR)) {
+          t.skip('the host kernel has no cachestat(2) (Linux < 6.5): durability cannot be observed');
+          return;
+        }
+        const ack = { needReply: has(c.protocolFeatures, ProtocolFeature.REPLY_ACK), timeoutMs: 3000 };
+        const setWce = (wce: number) => c.connection.request(R.SET_CONFIG, encodeConfig(WCE_OFFSET, 1, 0, Uint8Array.of(wce)), ack);
+        const initial = c.config.writeback;
+        // The second MiB of REGION.plain, 64 KiB (128 sectors) per write.
+        const base = REGION.plain + 2048;
+        const len = 64 * 1024;
+        try {
+          await setWce(1);
+          await within(c.write(base, pattern(len, 860)), 10_000, 'write with writeback 1');
+          const cached = pageCacheState(image, base * SECTOR, len)!;
+          // Writeback allows (does not require) the data to sit in a cache: shown, not asserted.
+          t.diagnostic(`writeback 1, right after the write completed: ${JSON.stringify(cached)}${cached.dirty === 0 ? ' (the backend wrote through anyway: this test cannot tell the modes apart)' : ''}`);
+          await setWce(0);
+          for (let q = 0; q < NUM_QUEUES; q++) {
+            const sector = base + 256 + q * 128;
+            await within(c.write(sector, pattern(len, 861 + q), q), 10_000, `write with writeback 0 on queue ${q}`);
+            const s = pageCacheState(image, sector * SECTOR, len)!;
+            assert.equal(s.dirty + s.writeback, 0, `queue ${q}: pages not yet durable right after a write completed with writeback 0: ${JSON.stringify(s)}`);
+            assertBytes(readImage(image, sector * SECTOR, len), pattern(len, 861 + q), `image file, queue ${q}`);
+          }
+        } finally {
+          await setWce(initial);
+        }
+      });
+    });
+
+    test('read-only (VIRTIO_BLK_F_RO, on a backend of its own): writes fail with IOERR and change nothing; reads work', { timeout: TEST_TIMEOUT }, async (t) => {
+      await withOwnBackend('readonly', async (target, roImage) => {
+        // Data the host put there (the backend reads the same file).
+        const hostData = pattern(64 * 1024, 1100);
+        const fd = openSync(roImage, 'r+');
+        try {
+          writeSync(fd, hostData, 0, hostData.length, 0);
+        } finally {
+          closeSync(fd);
+        }
+        const blocks = statSync(roImage).blocks;
+        await withClient({ numQueues: NUM_QUEUES }, async (c) => {
+          if (!has(c.offeredFeatures, Feature.BLK_RO)) {
+            t.skip('backend does not offer RO when started read-only');
+            return;
+          }
+          assert.ok(c.hasFeature(Feature.BLK_RO), 'RO negotiated');
+          const cap = c.config.capacitySectors;
+          for (let q = 0; q < NUM_QUEUES; q++) {
+            for (const [sector, len] of [[0, 4096], [9, SECTOR], [cap - 8, 4096]] as const) {
+              const r = await submit(c, q, { type: RequestType.OUT, sector, out: [pattern(len, 1101 + q)] }, 'write on a read-only disk');
+              expectStatus(r, Status.IOERR, `write of ${len} B at sector ${sector} on queue ${q} of a read-only disk`);
+            }
+          }
+          // virtio 1.2, 5.2.6.2 names writes; discard and write-zeroes change data too, so they must fail as well.
+          for (const [type, name, feature] of [[RequestType.DISCARD, 'discard', Feature.BLK_DISCARD], [RequestType.WRITE_ZEROES, 'write zeroes', Feature.BLK_WRITE_ZEROES]] as const) {
+            if (!c.hasFeature(feature)) continue;
+            const r = await submit(c, 0, { type, out: [encodeBlkRanges([{ sector: 0, numSectors: 16 }])] }, `${name} on a read-only disk`);
+            t.diagnostic(`${name} on a read-only disk: ${describeCompletion(r)}`);
+            assert.notEqual(r.status, Status.OK, `${name} on a read-only disk: ${describeCompletion(r)}`);
+          }
+          assertBytes(await within(c.read(0, hostData.length, 1), 10_000, 'read'), hostData, 'the host data, after the refused writes');
+          assertBytes(await within(c.read(cap - 8, 4096), 10_000, 'read'), Buffer.alloc(4096), 'the last 8 sectors, after the refused writes');
+        }, target);
+        assertBytes(readImage(roImage, 0, hostData.length), hostData, 'the read-only image file');
+        assert.equal(statSync(roImage).blocks, blocks, 'blocks allocated to the read-only image file');
+        assert.equal(statSync(roImage).size, IMAGE_BYTES, 'the read-only image file did not change size');
+      }, true);
     });
 
     test('GET_ID: OK, at most 20 bytes, the same on every queue', { timeout: TEST_TIMEOUT }, async (t) => {
