@@ -10,7 +10,7 @@ import type { BlockBackend, IoContext } from './types.js';
 
 /** The file backend of one worker; the fd is shared by all workers (opened once by the daemon). */
 export class FileBackend implements BlockBackend {
-  constructor(private readonly ctx: IoContext, private readonly fd: number, readonly sizeBytes: number, readonly readOnly: boolean) {}
+  constructor(private readonly ctx: IoContext, private readonly fd: number, public sizeBytes: number, readonly readOnly: boolean) {}
 
   /** Queues a READV SQE. */
   readv(tag: number, offset: number, iovAddr: number, iovCnt: number): void {

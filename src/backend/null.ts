@@ -6,7 +6,7 @@ import type { BlockBackend, IoContext } from './types.js';
 
 /** Null backend of one worker. */
 export class NullBackend implements BlockBackend {
-  constructor(private readonly ctx: IoContext, readonly sizeBytes: number, readonly readOnly: boolean) {}
+  constructor(private readonly ctx: IoContext, public sizeBytes: number, readonly readOnly: boolean) {}
 
   /** Reports the whole read done; like null_blk, the buffer keeps what the guest had in it. */
   readv(tag: number, _offset: number, _iovAddr: number, _iovCnt: number, len: number): void {

@@ -6,6 +6,7 @@
  * context's inline queue, which the worker drains in its loop: never re-entrantly.
  */
 import type { IoUring } from '../os/uring.js';
+import type { FaultRule } from './faults.js';
 
 /** What a backend needs from the worker that hosts it. */
 export interface IoContext {
@@ -17,8 +18,11 @@ export interface IoContext {
 
 /** A disk as seen by the virtio-blk request processor. Offsets and lengths are bytes. */
 export interface BlockBackend {
-  /** Capacity in bytes (a multiple of 512). */
-  readonly sizeBytes: number;
+  /**
+   * Capacity in bytes (a multiple of 512). The worker raises it when the disk is grown live, before the
+   * guest hears of the new size; requests are checked against it as they start.
+   */
+  sizeBytes: number;
   /** Writes are refused. */
   readonly readOnly: boolean;
   /** Reads `len` bytes into `iovCnt` iovecs at native address `iovAddr`; completes with bytes read or -errno. */
@@ -31,9 +35,11 @@ export interface BlockBackend {
   discard(tag: number, offset: number, len: number): void;
   /** Zeroes `len` bytes at `offset`, deallocating them when `unmap`; completes with 0 or -errno (-EOPNOTSUPP when refused). */
   writeZeroes(tag: number, offset: number, len: number, unmap: boolean): void;
+  /** Sees each completion of a tag below 2^30 first; true when the backend took it over (fault injection). */
+  interceptCompletion?(tag: number, res: number): boolean;
 }
 
 /** A serializable description from which each worker builds its own backend instance. */
 export type BackendSpec =
-  | { kind: 'file'; fd: number; sizeBytes: number; readOnly: boolean }
-  | { kind: 'null'; sizeBytes: number; readOnly: boolean };
+  | { kind: 'file'; fd: number; sizeBytes: number; readOnly: boolean; faults?: FaultRule[] }
+  | { kind: 'null'; sizeBytes: number; readOnly: boolean; faults?: FaultRule[] };

@@ -49,14 +49,15 @@ export class BlkDevice implements VhostUserDevice {
     // vhost-user-blk rings have 128 entries by default and the driver reads seg_max before the ring
     // size is set, so stay within 126 whatever larger rings we accept.
     const segMax = Math.max(1, Math.min(opts.queueSize - 2, 126));
-    let features = bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
+    let features = bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX) | bit(Feature.RING_PACKED)
       | bit(Feature.BLK_SIZE_MAX) | bit(Feature.BLK_SEG_MAX) | bit(Feature.BLK_BLK_SIZE) | bit(Feature.BLK_FLUSH)
       | bit(Feature.BLK_TOPOLOGY) | bit(Feature.BLK_CONFIG_WCE) | bit(Feature.BLK_MQ);
     // A read-only disk offers neither discard nor write-zeroes: both change what reads return.
     if (opts.backend.readOnly) features |= bit(Feature.BLK_RO);
     else features |= bit(Feature.BLK_DISCARD) | bit(Feature.BLK_WRITE_ZEROES);
     this.features = features;
-    this.protocolFeatures = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE]
+    this.protocolFeatures = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE, ProtocolFeature.BACKEND_REQ,
+      ProtocolFeature.INFLIGHT_SHMFD]
       .reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
     this.config = {
       capacityBytes: opts.backend.sizeBytes,
@@ -84,6 +85,22 @@ export class BlkDevice implements VhostUserDevice {
 
   private worker(queue: number): QueueWorker {
     return this.workers[queue % this.workers.length];
+  }
+
+  /** The disk's size in bytes, as the config space announces it. */
+  get sizeBytes(): number {
+    return this.config.capacityBytes;
+  }
+
+  /**
+   * Grows the disk to `sizeBytes` (the image must already be that big). Every worker takes the new size
+   * before the config space shows it, so a guest that reads the new capacity can use all of it at once.
+   */
+  async resize(sizeBytes: number): Promise<void> {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes % this.config.blkSize !== 0) throw new RangeError(`size ${sizeBytes} is not a multiple of the ${this.config.blkSize}-byte logical block`);
+    if (sizeBytes < this.config.capacityBytes) throw new RangeError(`size ${sizeBytes} is smaller than the current ${this.config.capacityBytes} bytes; disks only grow`);
+    await Promise.all(this.workers.map((w) => w.request({ op: 'resize', sizeBytes })));
+    this.config.capacityBytes = sizeBytes;
   }
 
   /** Config space bytes. */
@@ -123,7 +140,7 @@ export class BlkDevice implements VhostUserDevice {
       op: 'start',
       params: {
         queue: r.queue, size: r.size, descUserAddr: r.descUserAddr, availUserAddr: r.availUserAddr, usedUserAddr: r.usedUserAddr,
-        lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd,
+        lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd, packed: r.packed, inflight: r.inflight ?? null,
         eventIdx: (r.features & bit(Feature.RING_EVENT_IDX)) !== 0n,
         indirect: (r.features & bit(Feature.RING_INDIRECT_DESC)) !== 0n,
         discard: (r.features & bit(Feature.BLK_DISCARD)) !== 0n,

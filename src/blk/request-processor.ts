@@ -8,7 +8,7 @@
  */
 import type { BlockBackend } from '../backend/types.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
-import { DescriptorChain, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN, type SplitQueue } from '../virtqueue/split.js';
+import { DescriptorChain, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN, type VirtQueue } from '../virtqueue/queue.js';
 import { ID_BYTES, REQUEST_HEADER_SIZE, RequestType, SECTOR_SIZE, Status } from './constants.js';
 
 /** Device settings the processor obeys; `writeback` may change while running (SET_CONFIG). */
@@ -39,7 +39,7 @@ const RANGE_FLAG_UNMAP = 1;
 
 const TWO_32 = 2 ** 32;
 
-/** Turns chains from one SplitQueue into backend requests and completes them. */
+/** Turns chains from one virtqueue (split or packed) into backend requests and completes them. */
 export class BlkRequestProcessor {
   /** Requests submitted to the backend and not yet completed. */
   inFlight = 0;
@@ -64,7 +64,10 @@ export class BlkRequestProcessor {
   private loggedZeroRangeFallback = false;
   private loggedDiscardIgnored = false;
   private readonly headerView = new DataView(this.header.buffer);
-  private readonly capacitySectors: number;
+  /** The disk's size now: read per request, as a live resize raises it while the queue runs. */
+  private get capacitySectors(): number {
+    return Math.floor(this.backend.sizeBytes / SECTOR_SIZE);
+  }
   private readonly iovPerSlot: number;
   /** Errors logged so far: a misbehaving guest must not flood the log. */
   private errorsLogged = 0;
@@ -74,7 +77,7 @@ export class BlkRequestProcessor {
    * `tagBase` + slot is the completion tag given to the backend.
    */
   constructor(
-    private readonly queue: SplitQueue,
+    private readonly queue: VirtQueue,
     private readonly mem: GuestMemory,
     private readonly backend: BlockBackend,
     private readonly settings: BlkSettings,
@@ -100,7 +103,6 @@ export class BlkRequestProcessor {
     this.slotIovFirst = new Uint16Array(slots);
     this.slotIovEnd = new Uint16Array(slots);
     this.iov32 = new Uint32Array(iovArea);
-    this.capacitySectors = Math.floor(backend.sizeBytes / SECTOR_SIZE);
   }
 
   /** Bytes of native iovec memory needed for a queue of `size` entries. */
@@ -108,11 +110,13 @@ export class BlkRequestProcessor {
     return size * (segMax + 1) * 16;
   }
 
-  /** Pops and starts every available request (while slots last); returns how many chains were taken. */
+  /** Pops and starts available requests (while slots last, at most one ring's worth); returns how many chains were taken. */
   pump(): number {
     if (this.queue.broken) return 0;
     let taken = 0;
-    while (this.freeCount > 0) {
+    // Bounded: a guest whose used ring overlaps its avail ring makes every used entry a new avail one,
+    // and chains answered at once take no slot, so an unbounded loop would never return to the worker.
+    while (this.freeCount > 0 && taken < this.queue.size) {
       const head = this.queue.popChain(this.chain);
       if (head === POP_EMPTY) break;
       if (head === POP_RING_BROKEN) {

@@ -9,12 +9,16 @@
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { FileBackend } from '../backend/file.js';
 import { NullBackend } from '../backend/null.js';
+import { FaultInjectingBackend } from '../backend/faults.js';
 import type { BlockBackend, IoContext } from '../backend/types.js';
 import { BlkRequestProcessor, type BlkSettings } from '../blk/request-processor.js';
 import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
 import { allocNative, munmap, view } from '../os/libc.js';
 import { IORING_OP_READ, IORING_OP_WRITE, IoUring } from '../os/uring.js';
 import { SplitQueue } from '../virtqueue/split.js';
+import { InflightQueue } from '../virtqueue/inflight.js';
+import { PackedQueue } from '../virtqueue/packed.js';
+import type { VirtQueue } from '../virtqueue/queue.js';
 import { MAX_RANGE_SECTORS } from '../blk/device.js';
 import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
 
@@ -36,7 +40,7 @@ const SCRATCH_BYTES = 64 + MAX_QUEUES * 8;
 /** One virtqueue being served. */
 interface Runner {
   index: number;
-  queue: SplitQueue;
+  queue: VirtQueue;
   proc: BlkRequestProcessor;
   kickFd: number;
   callFd: number;
@@ -60,9 +64,10 @@ const scratch = allocNative(SCRATCH_BYTES);
 new BigUint64Array(scratch.buffer, 0, 1)[0] = 1n;
 const inline: number[] = [];
 const ctx: IoContext = { ring, completeInline: (tag, res) => { inline.push(tag, res); } };
-const backend: BlockBackend = init.backend.kind === 'file'
+const baseBackend: BlockBackend = init.backend.kind === 'file'
   ? new FileBackend(ctx, init.backend.fd, init.backend.sizeBytes, init.backend.readOnly)
   : new NullBackend(ctx, init.backend.sizeBytes, init.backend.readOnly);
+const backend: BlockBackend = init.backend.faults?.length ? new FaultInjectingBackend(ctx, baseBackend, init.backend.faults) : baseBackend;
 const settings: BlkSettings = { serial: init.serial, segMax: init.segMax, writeback: init.writeback, discard: false, writeZeroes: false, maxRangeSectors: MAX_RANGE_SECTORS };
 const runners: Array<Runner | undefined> = [];
 let memory = GuestMemory.empty();
@@ -119,7 +124,12 @@ function translate(mem: GuestMemory, what: string, uaddr: number, len: number): 
 function startQueue(p: StartQueue): void {
   if (p.queue >= MAX_QUEUES) throw new Error(`queue ${p.queue} out of range`);
   if (runners[p.queue]) throw new Error(`queue ${p.queue} is already running`);
-  const gpas = {
+  // A packed ring's "avail" and "used" addresses are its 4-byte driver and device event suppression areas.
+  const gpas = p.packed ? {
+    descAddr: translate(memory, 'descriptor ring', p.descUserAddr, p.size * 16),
+    availAddr: translate(memory, 'driver event suppression area', p.availUserAddr, 4),
+    usedAddr: translate(memory, 'device event suppression area', p.usedUserAddr, 4),
+  } : {
     descAddr: translate(memory, 'descriptor table', p.descUserAddr, p.size * 16),
     availAddr: translate(memory, 'available ring', p.availUserAddr, 6 + p.size * 2),
     usedAddr: translate(memory, 'used ring', p.usedUserAddr, 6 + p.size * 8),
@@ -139,14 +149,33 @@ function startQueue(p: StartQueue): void {
   const r: Runner = { index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, kickArmed: false, kickFailed: false, iov: { ...iovMem, size }, stopId: -1, params: p, gpas };
   runners[p.queue] = r;
   armKick(r);
-  log('debug', `${name}: queue ${p.queue} started: size ${p.size}, next avail ${p.lastAvailIdx}, event_idx ${p.eventIdx}`);
+  // After a restart the guest may wait on completions the previous backend published while QEMU was
+  // already switching its notifiers: the interrupt got lost, and a guest with nothing else to submit
+  // would wait forever. One call at start makes it look (libvhost-user does the same on reconnect).
+  if (p.inflight && p.callFd >= 0) ring.prep(IORING_OP_WRITE, p.callFd, scratch.addr, 8, 0, 0, CALL_BASE + p.queue);
+  log('debug', `${name}: queue ${p.queue} started: ${p.packed ? 'packed' : 'split'}, size ${p.size}, base 0x${p.lastAvailIdx.toString(16)}, event_idx ${p.eventIdx}`);
 }
 
-/** The ring and its request processor over the current memory table. */
-function buildQueue(p: StartQueue, gpas: Runner['gpas'], lastAvailIdx: number, iovMem: { addr: number; buffer: ArrayBuffer }): { queue: SplitQueue; proc: BlkRequestProcessor } {
-  const queue = new SplitQueue(memory, p.size, gpas, { eventIdx: p.eventIdx, indirect: p.indirect }, lastAvailIdx);
+/** The ring (split or packed) and its request processor over the current memory table; `base` is the vring base it resumes from. */
+function buildQueue(p: StartQueue, gpas: Runner['gpas'], base: number, iovMem: { addr: number; buffer: ArrayBuffer }): { queue: VirtQueue; proc: BlkRequestProcessor } {
+  const opts = { eventIdx: p.eventIdx, indirect: p.indirect };
+  const queue = p.packed ? new PackedQueue(memory, p.size, gpas, opts, base) : new SplitQueue(memory, p.size, gpas, opts, base);
+  if (p.inflight && queue instanceof SplitQueue) trackInflight(queue, p, base);
   const proc = new BlkRequestProcessor(queue, memory, backend, settings, iovMem.buffer, iovMem.addr, p.queue * 65536, log, `queue ${p.queue}`);
   return { queue, proc };
+}
+
+/**
+ * Records the queue's requests in the frontend's inflight region, after recovering what a previous
+ * backend left there. Also run when a new memory table rebuilds the queue: nothing is in flight then, and
+ * requests still waiting to be resubmitted are found again in the region.
+ */
+function trackInflight(queue: SplitQueue, p: StartQueue, base: number): void {
+  const area = p.inflight!;
+  const r = queue.trackInflight(new InflightQueue(new Uint8Array(view(area.hostAddr, area.bytes)), p.size, area.queueSize));
+  const what = !r.recovered ? 'initialized' : `resumes at avail index ${r.lastAvailIdx} (vring base ${base})` +
+    `, ${r.resubmit.length} requests left in flight to resubmit, ${r.settledCompletions} completion(s) settled`;
+  log(r.resubmit.length > 0 || r.settledCompletions > 0 ? 'info' : 'debug', `${name}: queue ${p.queue}: inflight region ${what}`);
 }
 
 /** Switches to a new memory table once nothing in flight points into the old one. */
@@ -158,7 +187,7 @@ function applyPendingMemory(): void {
   for (const r of runners) {
     if (!r) continue;
     try {
-      Object.assign(r, buildQueue(r.params, r.gpas, r.queue.lastAvailIdx, r.iov));
+      Object.assign(r, buildQueue(r.params, r.gpas, r.queue.vringBase, r.iov));
     } catch (err) {
       log('error', `${name}: queue ${r.index}: rings are not inside the new memory table, queue stopped: ${(err as Error).message}`);
       r.queue.broken = true;
@@ -174,7 +203,7 @@ function finishStop(r: Runner): void {
   ring.submit();
   runners[r.index] = undefined;
   munmap(r.iov.addr, r.iov.size);
-  post({ op: 'reply', id: r.stopId, lastAvailIdx: r.queue.lastAvailIdx });
+  post({ op: 'reply', id: r.stopId, lastAvailIdx: r.queue.vringBase });
 }
 
 /** Queues a call notification when the guest wants one; returns true if it did. */
@@ -221,6 +250,10 @@ function handleControl(msg: ToWorker): void {
       case 'writeback':
         settings.writeback = msg.enabled;
         break;
+      case 'resize':
+        // Every processor reads the size from the backend per request: the next one sees it.
+        backend.sizeBytes = msg.sizeBytes;
+        break;
       case 'exit':
         exitId = msg.id;
         for (const r of runners) if (r && r.stopId < 0) r.stopId = -2;
@@ -239,6 +272,7 @@ function drainControl(): void {
 }
 
 function onCompletion(tag: number, res: number): void {
+  if (tag < KICK_BASE && backend.interceptCompletion !== undefined && backend.interceptCompletion(tag, res)) return;
   if (tag < REQ_LIMIT) {
     requestCompletions++;
     const r = runners[Math.floor(tag / 65536)];
@@ -276,6 +310,9 @@ function onCompletion(tag: number, res: number): void {
     if (exitId < 0) armControl();
   }
 }
+
+/** Busy loop passes between two non-blocking io_uring_enter calls. */
+const BUSY_PASSES_PER_ENTER = 64;
 
 /** Request completions reaped so far: a wakeup that brought none (a stray kick) did no work. */
 let requestCompletions = 0;
@@ -345,6 +382,8 @@ function pump(r: Runner): boolean {
 function loop(): void {
   armControl();
   let didWork = false;
+  /** Loop passes in a row that found work: a guest can keep that going forever (see pump()). */
+  let busyPasses = 0;
   for (;;) {
     let progress = drainInline();
     let notified = false;
@@ -366,8 +405,14 @@ function loop(): void {
     }
     if (progress) {
       didWork = true;
+      // Never starve the kernel: control messages (stop the ring) and submitted I/O must get through.
+      if (++busyPasses % BUSY_PASSES_PER_ENTER === 0) {
+        ring.enter(0, true);
+        ring.reap(onCompletion);
+      }
       continue;
     }
+    busyPasses = 0;
     // Right after work, the guest often sends the next request within microseconds: polling for it
     // spares the guest a kick and us a wakeup. Only with nothing left to submit, so no I/O waits on it.
     if (pollMaxNs > 0 && didWork && ring.pendingCount === 0 && pollForRequests()) continue;

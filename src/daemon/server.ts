@@ -44,6 +44,24 @@ export class Server {
     }
   }
 
+  /** True while a frontend is connected. */
+  get frontendConnected(): boolean {
+    return this.session !== null;
+  }
+
+  /** True while the connected frontend has given us a backend request channel. */
+  get backendChannel(): boolean {
+    return this.session?.hasBackendChannel ?? false;
+  }
+
+  /**
+   * Tells the connected frontend, if any, that the config space changed; resolves true once it took the
+   * notice (see VhostUserSession.notifyConfigChange), false when there is no one to tell or it failed.
+   */
+  async notifyConfigChange(): Promise<boolean> {
+    return this.session ? await this.session.notifyConfigChange() : false;
+  }
+
   /** Stops taking frontends, lets in-flight requests finish, stops the workers. */
   async stop(): Promise<void> {
     this.stopping = true;

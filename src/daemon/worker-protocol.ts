@@ -46,9 +46,12 @@ export type ToWorker =
   | { op: 'stop'; id: number; queue: number }
   | { op: 'call-fd'; id: number; queue: number; fd: number }
   | { op: 'writeback'; id: number; enabled: boolean }
+  /** The disk grew: later requests are checked against the new size (replied once applied). */
+  | { op: 'resize'; id: number; sizeBytes: number }
   | { op: 'exit'; id: number };
 
 /** Worker → control thread. */
 export type FromWorker =
+  /** lastAvailIdx answers a stop: the vring base GET_VRING_BASE reports (packed rings: both indices and wrap counters). */
   | { op: 'reply'; id: number; error?: string; lastAvailIdx?: number }
   | { op: 'log'; level: 'debug' | 'info' | 'warn' | 'error'; msg: string };

@@ -13,15 +13,17 @@
  * addresses sent with SET_VRING_ADDR are our own mapping addresses (front-end user addresses), as QEMU
  * sends them.
  */
-import { closeQuietly, eventfd, lastErrno, native, EFD_CLOEXEC, EFD_NONBLOCK } from '../os/libc.js';
+import { Socket } from 'node:net';
+import { closeQuietly, eventfd, lastErrno, native, socketPair, EFD_CLOEXEC, EFD_NONBLOCK } from '../os/libc.js';
 import {
-  FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE,
-  encodeConfig, encodeMemRegion, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
+  FrontendRequest as R, BackendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE, HEADER_SIZE,
+  backendRequestName, decodeHeader, encodeReplyAck, encodeConfig, encodeMemRegion, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
 } from '../vhost-user/messages.js';
 import { Feature, RequestType, Status, REQUEST_HEADER_SIZE, SECTOR_SIZE, ID_BYTES } from '../blk/constants.js';
-import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../virtqueue/split.js';
+import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE } from '../virtqueue/queue.js';
 import { VhostUserConnection, VhostUserError } from './connection.js';
-import { DriverQueue, ringSizes } from './driver-queue.js';
+import { DriverQueue, ringSizes, type DriverRing } from './driver-queue.js';
+import { PackedDriverQueue, packedRingSizes } from './packed-driver-queue.js';
 import { ExtentAllocator, SharedMemory, PAGE_SIZE } from './memory.js';
 
 /** One guest memory region: `size` bytes of the memfd from `offset`, seen by the guest at `guestAddr`. */
@@ -96,12 +98,21 @@ export interface ClientOptions {
   eventIdx?: boolean;
   /** Force VIRTIO_F_INDIRECT_DESC on (must be offered) or off; default: on if offered. */
   indirect?: boolean;
+  /** Use packed virtqueues (VIRTIO_F_RING_PACKED, must be offered); default: split rings. */
+  packed?: boolean;
   /** Protocol features to set instead of (offered ∩ supported). */
   protocolFeatures?: bigint;
   /** Reject an I/O request that has not completed after this many ms (0, the default: wait forever). */
   requestTimeoutMs?: number;
   /** How long to wait for each control-message reply; default 5000 ms. */
   replyTimeoutMs?: number;
+  /**
+   * Called when the back-end says its config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, as after
+   * a live resize), with the config the client has just read back (GET_CONFIG, as QEMU does) and the one
+   * before; the back-end gets its ack once this returns. Giving it makes the client set up the back-end
+   * request channel (SET_BACKEND_REQ_FD) when the back-end offers VHOST_USER_PROTOCOL_F_BACKEND_REQ.
+   */
+  onConfigChange?: (config: BlkDeviceConfig, previous: BlkDeviceConfig) => void | Promise<void>;
 }
 
 /** The virtio-blk config space (struct virtio_blk_config, first 60 bytes), decoded. */
@@ -289,6 +300,15 @@ export const DRIVER_PROTOCOL_FEATURES = [
   ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS,
 ].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
 
+/** Reads the config space (GET_CONFIG of the first BLK_CONFIG_READ_SIZE bytes, as QEMU does) and decodes it. */
+async function getBlkConfig(conn: VhostUserConnection, timeoutMs: number): Promise<BlkDeviceConfig> {
+  const reply = await conn.request(R.GET_CONFIG, encodeConfig(0, BLK_CONFIG_READ_SIZE, 0), { timeoutMs, expectReply: true });
+  if (reply.length !== CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE) {
+    throw new VhostUserError(`GET_CONFIG reply is ${reply.length} bytes, expected ${CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE}`, R.GET_CONFIG);
+  }
+  return decodeBlkConfig(reply.subarray(CONFIG_HEADER_SIZE));
+}
+
 /** The SET_MEM_TABLE regions of `regions` in `memory` (user address = our mapping of the region). */
 function memTable(memory: SharedMemory, regions: readonly GuestRegion[]) {
   return regions.map((r) => ({ guestAddr: r.guestAddr, size: r.size, userAddr: memory.addr + r.offset, mmapOffset: r.offset }));
@@ -326,7 +346,7 @@ interface Inflight {
 /** Per-queue state. */
 interface QueueState {
   index: number;
-  ring: DriverQueue;
+  ring: DriverRing;
   kickFd: number;
   callFd: number;
   running: boolean;
@@ -337,8 +357,13 @@ interface QueueState {
 
 /** A vhost-user-blk front-end connected to one back-end. */
 export class VhostUserBlkClient {
-  /** The device config space read at connect. */
-  readonly config: BlkDeviceConfig;
+  /** The device config space: read at connect, read again on a config change notice or readConfig(). */
+  get config(): BlkDeviceConfig {
+    return this.currentConfig;
+  }
+  private currentConfig: BlkDeviceConfig;
+  /** Our end of the back-end request channel, when one was set up. */
+  private backendChannel: Socket | null = null;
   /** Device feature bits offered by the back-end (GET_FEATURES). */
   readonly offeredFeatures: bigint;
   /** Device feature bits negotiated (SET_FEATURES). */
@@ -379,7 +404,7 @@ export class VhostUserBlkClient {
       maxMemSlots: number;
     },
   ) {
-    this.config = init.config;
+    this.currentConfig = init.config;
     this.offeredFeatures = init.offered;
     this.features = init.features;
     this.offeredProtocolFeatures = init.offeredProtocol;
@@ -429,7 +454,9 @@ export class VhostUserBlkClient {
       let protocol = 0n;
       if (has(offered, VHOST_USER_F_PROTOCOL_FEATURES)) {
         offeredProtocol = (await conn.request(R.GET_PROTOCOL_FEATURES, undefined, { ...t, expectReply: true })).readBigUInt64LE(0);
-        protocol = opts.protocolFeatures ?? (offeredProtocol & DRIVER_PROTOCOL_FEATURES);
+        // The backend request channel is only worth its socket when someone listens to it.
+        const wanted = DRIVER_PROTOCOL_FEATURES | (opts.onConfigChange ? 1n << BigInt(ProtocolFeature.BACKEND_REQ) : 0n);
+        protocol = opts.protocolFeatures ?? (offeredProtocol & wanted);
         await conn.request(R.SET_PROTOCOL_FEATURES, encodeU64(protocol), t);
       }
       const ack = { ...t, needReply: has(protocol, ProtocolFeature.REPLY_ACK) };
@@ -440,14 +467,10 @@ export class VhostUserBlkClient {
       }
       if (numQueues > maxQueues) throw new RangeError(`${numQueues} queues asked for, the back-end supports ${maxQueues}`);
       if (!has(protocol, ProtocolFeature.CONFIG)) throw new VhostUserError('the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: no way to read the disk size');
-      const cfgReply = await conn.request(R.GET_CONFIG, encodeConfig(0, BLK_CONFIG_READ_SIZE, 0), { ...t, expectReply: true });
-      if (cfgReply.length !== CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE) {
-        throw new VhostUserError(`GET_CONFIG reply is ${cfgReply.length} bytes, expected ${CONFIG_HEADER_SIZE + BLK_CONFIG_READ_SIZE}`, R.GET_CONFIG);
-      }
-      const config = decodeBlkConfig(cfgReply.subarray(CONFIG_HEADER_SIZE));
+      const config = await getBlkConfig(conn, replyTimeoutMs);
 
       let features = opts.features === 'all-offered' ? offered : typeof opts.features === 'bigint' ? opts.features : offered & DRIVER_FEATURES;
-      for (const [opt, bitNo, label] of [[opts.eventIdx, Feature.RING_EVENT_IDX, 'EVENT_IDX'], [opts.indirect, Feature.RING_INDIRECT_DESC, 'INDIRECT_DESC']] as const) {
+      for (const [opt, bitNo, label] of [[opts.eventIdx, Feature.RING_EVENT_IDX, 'EVENT_IDX'], [opts.indirect, Feature.RING_INDIRECT_DESC, 'INDIRECT_DESC'], [opts.packed, Feature.RING_PACKED, 'RING_PACKED']] as const) {
         if (opt === false) features &= ~(1n << BigInt(bitNo));
         else if (opt === true) {
           if (!has(offered, bitNo)) throw new VhostUserError(`VIRTIO_F_${label} was asked for but the back-end does not offer it`);
@@ -474,9 +497,10 @@ export class VhostUserBlkClient {
         config, offered, features, offeredProtocol, protocol, maxQueues, requestTimeoutMs: opts.requestTimeoutMs ?? 0, replyTimeoutMs, regions,
         memoryMessages, maxMemSlots,
       });
+      if (opts.onConfigChange && has(protocol, ProtocolFeature.BACKEND_REQ)) await client.openBackendChannel(opts.onConfigChange);
       for (let q = 0; q < numQueues; q++) {
         client.addQueue(queueSize);
-        await client.startRing(q, 0);
+        await client.startRing(q, client.queues[q].ring.vringBase);
       }
       return client;
     } catch (err) {
@@ -508,9 +532,73 @@ export class VhostUserBlkClient {
     return { needReply: has(this.protocolFeatures, ProtocolFeature.REPLY_ACK), timeoutMs: this.replyTimeoutMs };
   }
 
+  /** Reads the config space again (GET_CONFIG) and keeps it as `config`. */
+  async readConfig(): Promise<BlkDeviceConfig> {
+    this.currentConfig = await getBlkConfig(this.connection, this.replyTimeoutMs);
+    return this.currentConfig;
+  }
+
+  /**
+   * Gives the back-end one end of a socket pair for its requests (SET_BACKEND_REQ_FD) and serves the other:
+   * CONFIG_CHANGE_MSG re-reads the config and calls `onConfigChange`; other requests are refused. The
+   * channel is a node:net socket, so waiting for requests holds no thread.
+   */
+  private async openBackendChannel(onConfigChange: NonNullable<ClientOptions['onConfigChange']>): Promise<void> {
+    const [ours, theirs] = socketPair();
+    try {
+      await this.connection.request(R.SET_BACKEND_REQ_FD, undefined, { ...this.ack, fds: [theirs] });
+    } catch (err) {
+      closeQuietly(ours);
+      throw err;
+    } finally {
+      closeQuietly(theirs);
+    }
+    const channel = new Socket({ fd: ours, readable: true, writable: true });
+    this.backendChannel = channel;
+    let pending = Buffer.alloc(0);
+    // One request at a time, in order: each answer goes out before the next request is looked at.
+    let serving: Promise<void> = Promise.resolve();
+    channel.on('error', (err) => this.anomalies.push(`back-end request channel: ${err.message}`));
+    channel.on('data', (chunk: Buffer) => {
+      pending = Buffer.concat([pending, chunk]);
+      while (pending.length >= HEADER_SIZE) {
+        let header;
+        try {
+          header = decodeHeader(pending, 'backend');
+        } catch (err) {
+          this.anomalies.push(`back-end request channel: ${(err as Error).message}; channel closed`);
+          channel.destroy();
+          return;
+        }
+        if (pending.length < HEADER_SIZE + header.size) return;
+        pending = pending.subarray(HEADER_SIZE + header.size);
+        const h = header;
+        serving = serving.then(() => this.serveBackendRequest(channel, h.request, h.needReply, onConfigChange));
+      }
+    });
+  }
+
+  /** Handles one back-end request and acks it when asked; never throws. */
+  private async serveBackendRequest(channel: Socket, request: number, needReply: boolean, onConfigChange: NonNullable<ClientOptions['onConfigChange']>): Promise<void> {
+    let ok = false;
+    if (request === BackendRequest.CONFIG_CHANGE_MSG && !this.closed) {
+      try {
+        const previous = this.currentConfig;
+        await onConfigChange(await this.readConfig(), previous);
+        ok = true;
+      } catch (err) {
+        this.anomalies.push(`CONFIG_CHANGE_MSG: ${(err as Error).message}`);
+      }
+    } else if (request !== BackendRequest.CONFIG_CHANGE_MSG) {
+      this.anomalies.push(`back-end request ${backendRequestName(request)} is not supported; refused`);
+    }
+    if (needReply && !channel.destroyed) channel.write(encodeReplyAck(request, ok));
+  }
+
   /** Allocates the rings and eventfds of the next queue. */
   private addQueue(size: number): void {
-    const s = ringSizes(size);
+    const packed = this.hasFeature(Feature.RING_PACKED);
+    const s = packed ? packedRingSizes(size) : ringSizes(size);
     const availOff = alignUp(s.desc, PAGE_SIZE);
     const usedOff = availOff + alignUp(s.avail, PAGE_SIZE);
     const len = usedOff + alignUp(s.used, PAGE_SIZE);
@@ -519,12 +607,14 @@ export class VhostUserBlkClient {
     // Nonblocking eventfds, as QEMU creates them (event_notifier_init).
     const kickFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     const callFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    const ring = new DriverQueue(this.memory.bytes, size, { desc: block, avail: block + availOff, used: block + usedOff }, this.hasFeature(Feature.RING_EVENT_IDX), kickFd);
+    const layout = { desc: block, avail: block + availOff, used: block + usedOff };
+    const eventIdx = this.hasFeature(Feature.RING_EVENT_IDX);
+    const ring = packed ? new PackedDriverQueue(this.memory.bytes, size, layout, eventIdx, kickFd) : new DriverQueue(this.memory.bytes, size, layout, eventIdx, kickFd);
     ring.reset();
     this.queues.push({ index: this.queues.length, ring, kickFd, callFd, running: false, inflight: new Array(size), waiting: [] });
   }
 
-  /** Sends the ring setup of queue `q` starting at avail index `base`, ending with SET_VRING_ENABLE 1. */
+  /** Sends the ring setup of queue `q` starting at vring base `base` (split: avail index), ending with SET_VRING_ENABLE 1. */
   private async startRing(q: number, base: number): Promise<void> {
     const qs = this.queues[q];
     const ack = this.ack;
@@ -541,10 +631,11 @@ export class VhostUserBlkClient {
     if (has(this.features, VHOST_USER_F_PROTOCOL_FEATURES)) await c.request(R.SET_VRING_ENABLE, encodeVringState(q, 1), ack);
     qs.running = true;
     // Anything made available while the queue was stopped is the device's again.
-    if (qs.ring.availIdx !== base) qs.ring.kick();
+    // (The low 16 bits are the avail index, or a packed ring's avail slot and wrap counter.)
+    if ((qs.ring.vringBase & 0xffff) !== (base & 0xffff)) qs.ring.kick();
   }
 
-  /** Stops queue `q` (GET_VRING_BASE; the back-end finishes in-flight requests first); resolves with the next avail index. */
+  /** Stops queue `q` (GET_VRING_BASE; the back-end finishes in-flight requests first); resolves with the vring base (split: the next avail index; packed: both positions and wrap counters). */
   async stopQueue(q: number): Promise<number> {
     const qs = this.queueState(q);
     const reply = await this.connection.request(R.GET_VRING_BASE, encodeVringState(q, 0), { expectReply: true, timeoutMs: this.replyTimeoutMs });
@@ -556,7 +647,7 @@ export class VhostUserBlkClient {
     return reply.readUInt32LE(4);
   }
 
-  /** Restarts a stopped queue at avail index `base` (what stopQueue returned): the same setup as connect. */
+  /** Restarts a stopped queue at vring base `base` (what stopQueue returned): the same setup as connect. */
   async restartQueue(q: number, base: number): Promise<void> {
     this.queueState(q);
     await this.startRing(q, base);
@@ -583,7 +674,7 @@ export class VhostUserBlkClient {
     if (this.memoryMessages === 'set-mem-table') await this.sendMemTable();
     for (const qs of this.queues) {
       qs.ring.reset();
-      await this.startRing(qs.index, 0);
+      await this.startRing(qs.index, qs.ring.vringBase);
     }
   }
 
@@ -592,9 +683,18 @@ export class VhostUserBlkClient {
     return this.queueState(q).running;
   }
 
-  /** The driver-side ring of queue `q` (raw access for tests). */
+  /** The driver-side split ring of queue `q` (raw access for tests); throws if the queue is packed. */
   ring(q: number): DriverQueue {
-    return this.queueState(q).ring;
+    const r = this.queueState(q).ring;
+    if (!(r instanceof DriverQueue)) throw new Error(`queue ${q} is a packed ring: use packedRing(${q})`);
+    return r;
+  }
+
+  /** The driver-side packed ring of queue `q` (raw access for tests); throws if the queue is split. */
+  packedRing(q: number): PackedDriverQueue {
+    const r = this.queueState(q).ring;
+    if (!(r instanceof PackedDriverQueue)) throw new Error(`queue ${q} is a split ring: use ring(${q})`);
+    return r;
   }
 
   /** Reads and resets the call eventfd counter of queue `q`: how many times the back-end signalled since the last call. */
@@ -682,12 +782,7 @@ export class VhostUserBlkClient {
         const flags = addrs.map((_, i) => (i > out.length ? VIRTQ_DESC_F_WRITE : 0));
         if (indirect) {
           const table = new DataView(mem.buffer, mem.byteOffset + block + TABLE_OFF, ndesc * 16);
-          for (let i = 0; i < ndesc; i++) {
-            table.setBigUint64(16 * i, BigInt(addrs[i]), true);
-            table.setUint32(16 * i + 8, lens[i], true);
-            table.setUint16(16 * i + 12, flags[i] | (i < ndesc - 1 ? VIRTQ_DESC_F_NEXT : 0), true);
-            table.setUint16(16 * i + 14, i < ndesc - 1 ? i + 1 : 0, true);
-          }
+          for (let i = 0; i < ndesc; i++) qs.ring.writeIndirectEntry(table, i, ndesc, addrs[i], lens[i], flags[i]);
           qs.ring.writeDescriptor(descs[0], this.guestAddress(block + TABLE_OFF), ndesc * 16, VIRTQ_DESC_F_INDIRECT, 0);
         } else {
           qs.ring.writeChain(descs, addrs, lens, flags);
@@ -1039,6 +1134,8 @@ export class VhostUserBlkClient {
     this.reapAll();
     this.closed = true;
     this.connection.close();
+    this.backendChannel?.destroy();
+    this.backendChannel = null;
     if (this.pollHandle !== null) {
       if ('immediate' in this.pollHandle) clearImmediate(this.pollHandle.immediate);
       else clearTimeout(this.pollHandle.timer);

@@ -30,8 +30,41 @@ export interface RingLayout {
   used: number;
 }
 
+/** What the client needs from a driver-side ring, split (DriverQueue) or packed (PackedDriverQueue). */
+export interface DriverRing {
+  /** Number of descriptors. */
+  readonly size: number;
+  /** Descriptors (ring slots) currently not part of any chain. */
+  readonly freeCount: number;
+  /** Where the ring parts are (offsets in the shared memory = guest physical addresses). */
+  readonly layout: RingLayout;
+  /** The vring base for SET_VRING_BASE that starts the device where this driver stands. */
+  readonly vringBase: number;
+  /** Clears the rings for a fresh start. Memory must not be in use by a device. */
+  reset(): void;
+  /**
+   * Takes `n` descriptors, or null if fewer are free. The first handle is the id completions come back
+   * with (reap, publish); every handle names one descriptor for writeDescriptor / writeChain.
+   */
+  allocDescriptors(n: number): number[] | null;
+  /** Gives the descriptors of a completed chain back. */
+  freeDescriptors(handles: readonly number[]): void;
+  /** Writes one descriptor (`next` only means something in split rings). */
+  writeDescriptor(handle: number, addr: number | bigint, len: number, flags: number, next: number): void;
+  /** Writes a chain over `handles` in order (NEXT set on all but the last). */
+  writeChain(handles: readonly number[], addrs: readonly number[], lens: readonly number[], flags: readonly number[]): void;
+  /** Writes entry i of an indirect table of `count` entries in this ring's descriptor format. */
+  writeIndirectEntry(table: DataView, i: number, count: number, addr: number, len: number, flags: number): void;
+  /** Makes chain `head` (the first handle) available and kicks the device unless it asked not to be. */
+  publish(head: number): void;
+  /** Kicks the device unconditionally. */
+  kick(): void;
+  /** Calls `fn(id, len)` for every new used element; returns how many there were. */
+  reap(fn: (id: number, len: number) => void): number;
+}
+
 /** One split virtqueue seen from the driver. */
-export class DriverQueue {
+export class DriverQueue implements DriverRing {
   /** Number of entries (a power of two). */
   readonly size: number;
   /** Descriptors currently not part of any chain. */
@@ -85,6 +118,20 @@ export class DriverQueue {
     this.used16[2 + 4 * this.size] = idx;
     this.availIdx = idx;
     this.lastUsed = idx;
+  }
+
+  /** For split rings the vring base is the next avail index. */
+  get vringBase(): number {
+    return this.availIdx;
+  }
+
+  /** Split indirect entries: flags (NEXT on all but the last) and the next index. */
+  writeIndirectEntry(table: DataView, i: number, count: number, addr: number, len: number, flags: number): void {
+    const more = i < count - 1;
+    table.setBigUint64(16 * i, BigInt(addr), true);
+    table.setUint32(16 * i + 8, len, true);
+    table.setUint16(16 * i + 12, flags | (more ? VIRTQ_DESC_F_NEXT : 0), true);
+    table.setUint16(16 * i + 14, more ? i + 1 : 0, true);
   }
 
   /** Takes `n` free descriptor indices, or null if fewer are free. */

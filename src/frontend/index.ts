@@ -8,5 +8,6 @@ export {
   type ClientOptions, type BlkRange, type GuestRegion, type GuestBuffer, type BlkDeviceConfig, type BlkRequest, type BlkCompletion, type RawDescriptor, type RawCompletion, type DmaBuffer,
 } from './client.js';
 export { VhostUserConnection, VhostUserError, type RawReply, type RequestOptions } from './connection.js';
-export { DriverQueue, needEvent, ringSizes, type RingLayout } from './driver-queue.js';
+export { DriverQueue, needEvent, ringSizes, type DriverRing, type RingLayout } from './driver-queue.js';
+export { PackedDriverQueue, packedRingSizes } from './packed-driver-queue.js';
 export { SharedMemory, ExtentAllocator, PAGE_SIZE } from './memory.js';

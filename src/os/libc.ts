@@ -52,6 +52,7 @@ const raw = {
   listen: libc.func('int listen(int fd, int backlog)'),
   accept4: libc.func('int accept4(int fd, void *addr, void *addrlen, int flags)'),
   connect: libc.func('int connect(int fd, void *addr, uint32_t addrlen)'),
+  socketpair: libc.func('int socketpair(int domain, int type, int protocol, void *sv)'),
   shutdown: libc.func('int shutdown(int fd, int how)'),
   recvmsg: libc.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
   sendmsg: libc.func('intptr_t sendmsg(int fd, void *msg, int flags)'),
@@ -162,6 +163,13 @@ export function blockDeviceSize(fd: number): number {
   const out = new BigUint64Array(1);
   check('ioctl(BLKGETSIZE64)', raw.ioctlPtr(fd, BLKGETSIZE64, out));
   return Number(out[0]);
+}
+
+/** A connected pair of close-on-exec Unix stream sockets (socketpair(2)). */
+export function socketPair(): [number, number] {
+  const sv = new Int32Array(2);
+  check('socketpair', raw.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  return [sv[0], sv[1]];
 }
 
 /** Adds 1 to an eventfd counter (a kick or a call). */

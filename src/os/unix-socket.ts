@@ -119,7 +119,14 @@ export class UnixConnection {
     const fds: number[] = [];
     let have = 0;
     while (have < len) {
-      const got = await this.recv(len - have);
+      let got;
+      try {
+        got = await this.recv(len - have);
+      } catch (err) {
+        // Fds that came with the earlier parts would otherwise leak with the exception.
+        for (const fd of fds) closeQuietly(fd);
+        throw err;
+      }
       if (got === null) {
         for (const fd of fds) closeQuietly(fd);
         return null;
@@ -274,14 +281,7 @@ export class UnixListener {
    */
   static listen(path: string, options: ListenOptions = {}): UnixListener {
     const addr = sockaddr(path);
-    let existing: ReturnType<typeof lstatSync> | undefined;
-    try { existing = lstatSync(path); } catch { existing = undefined; }
-    if (existing) {
-      if (!existing.isSocket()) throw new Error(`socket path ${path} exists and is not a socket; refusing to replace it`);
-      if (isListening(path)) throw new Error(`socket path ${path} is in use by another process`);
-      if (options.replaceStale === false) throw new Error(`socket path ${path} exists`);
-      unlinkSync(path);
-    }
+    claimSocketPath(path, options.replaceStale !== false);
     const fd = check('socket', native.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     try {
       check('bind', native.bind(fd, addr, addr.length), path);
@@ -322,6 +322,21 @@ export class UnixListener {
     if (this.waiting) setTimeout(release, 50);
     else release();
   }
+}
+
+/**
+ * Makes `path` free for a new listening socket: refuses a path where something other than a socket
+ * exists, or a socket another process still listens on; removes a stale socket node (when allowed).
+ */
+export function claimSocketPath(path: string, replaceStale = true): void {
+  sockaddr(path); // a path too long for sun_path fails here, with the limit in the message
+  let existing: ReturnType<typeof lstatSync> | undefined;
+  try { existing = lstatSync(path); } catch { existing = undefined; }
+  if (!existing) return;
+  if (!existing.isSocket()) throw new Error(`socket path ${path} exists and is not a socket; refusing to replace it`);
+  if (isListening(path)) throw new Error(`socket path ${path} is in use by another process`);
+  if (!replaceStale) throw new Error(`socket path ${path} exists`);
+  unlinkSync(path);
 }
 
 /** True when some process accepts connections at `path`. */

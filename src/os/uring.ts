@@ -181,11 +181,13 @@ export class IoUring {
   /**
    * Submits queued SQEs and waits until at least `minComplete` completions are ready.
    * Returns the number submitted. EINTR and EBUSY/EAGAIN (CQ backpressure) are not errors here.
+   * `getEvents` with `minComplete` 0 posts what already completed without waiting: with
+   * DEFER_TASKRUN, poll-driven completions (eventfd reads) only reach the CQ inside a GETEVENTS enter.
    */
-  enter(minComplete: number): number {
+  enter(minComplete: number, getEvents = minComplete > 0): number {
     Atomics.store(this.sqTail, 0, this.localTail);
     const toSubmit = this.pending;
-    const flags = minComplete > 0 ? IORING_ENTER_GETEVENTS : 0;
+    const flags = getEvents ? IORING_ENTER_GETEVENTS : 0;
     const ret = Number(native.ioUringEnter(SYS_io_uring_enter, this.fd, toSubmit, minComplete, flags, null, 0));
     if (ret < 0) {
       const errno = lastErrno();

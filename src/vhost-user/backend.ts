@@ -8,28 +8,52 @@
  * has a kick fd and is enabled, and stops at GET_VRING_BASE, which answers only after in-flight
  * requests completed.
  */
-import type { UnixConnection } from '../os/unix-socket.js';
-import { closeQuietly } from '../os/libc.js';
+import { fstatSync } from 'node:fs';
+import { UnixConnection } from '../os/unix-socket.js';
+import { closeQuietly, ftruncate, memfdCreate } from '../os/libc.js';
+import { inflightQueueBytes, inflightRegionBytes } from '../virtqueue/inflight.js';
+import { MAX_QUEUE_SIZE } from '../virtqueue/queue.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
 import type { RegionDescriptor } from '../memory/guest-memory.js';
 import type { Logger } from '../daemon/logger.js';
 import {
-  FrontendRequest as R, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES,
-  decodeConfig, decodeEmpty, decodeHeader, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
-  decodeVringState, encodeReply, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName,
+  FrontendRequest as R, BackendRequest, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES,
+  decodeConfig, decodeEmpty, decodeInflight, encodeReplyInflight, decodeHeader, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
+  decodeVringState, decodeReplyHeader, encodeBackendRequest, encodeReply, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName, backendRequestName,
 } from './messages.js';
+
+/** One queue's part of the inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), mapped in this process. */
+export interface InflightArea {
+  /** Address of the queue's region here. */
+  hostAddr: number;
+  /** Its length in bytes (inflightQueueBytes(queueSize)). */
+  bytes: number;
+  /** The queue size the frontend described the region with (desc_num). */
+  queueSize: number;
+}
 
 /** Ring parameters handed to the data plane when a ring starts. */
 export interface RingStart {
   queue: number;
   size: number;
+  /** Split: descriptor table; packed: descriptor ring. */
   descUserAddr: number;
+  /** Split: avail ring; packed: driver event suppression area. */
   availUserAddr: number;
+  /** Split: used ring; packed: device event suppression area. */
   usedUserAddr: number;
+  /** The vring base from SET_VRING_BASE: split, the next avail index; packed, see packedRing. */
   lastAvailIdx: number;
   kickFd: number;
   callFd: number;
   features: bigint;
+  /**
+   * VIRTIO_F_RING_PACKED was negotiated: the ring is packed and the base carries the last avail index in
+   * bits 0-14, its wrap counter in bit 15, the used index in bits 16-30 and its wrap counter in bit 31.
+   */
+  packed: boolean;
+  /** Where the ring records requests in flight (split rings, INFLIGHT_SHMFD set up), or null/absent: untracked. */
+  inflight?: InflightArea | null;
 }
 
 /** A mapped region as the data plane needs it. */
@@ -61,8 +85,18 @@ export interface VhostUserDevice {
   setCallFd(queue: number, fd: number): Promise<void>;
 }
 
+/** VIRTIO_F_RING_PACKED: a transport feature bit that changes what the vring messages mean. */
+const VIRTIO_F_RING_PACKED = 34n;
+
 /** Largest number of memory slots (ADD_MEM_REG) we accept; QEMU must never see this go down. */
 export const MAX_MEM_SLOTS = 32;
+
+/**
+ * How long the frontend may take to answer a backend request. QEMU handles CONFIG_CHANGE_MSG by reading
+ * the config space back (a GET_CONFIG round trip on the main socket), so a healthy one answers in
+ * milliseconds; one that does not answer at all must not leave the caller waiting forever.
+ */
+export const BACKEND_REPLY_TIMEOUT_MS = 10_000;
 
 interface Vring {
   size: number;
@@ -82,8 +116,11 @@ interface Message {
   fds: number[];
 }
 
-/** What a handler returns: a reply to send, or nothing (an ack is then sent when asked for). */
-type HandlerResult = Buffer | void;
+/**
+ * What a handler returns: a reply to send, a reply with fds to pass along (ours to close once sent), or
+ * nothing (an ack is then sent when asked for).
+ */
+type HandlerResult = Buffer | { reply: Buffer; fds: number[] } | void;
 type Handler = (m: Message) => Promise<HandlerResult> | HandlerResult;
 /** A handler table entry: fds it expects ('any' = the handler checks), whether it has a reply body, and
  * the reply that signals failure where the spec defines one (else a refusal ends the connection). */
@@ -100,6 +137,12 @@ export class VhostUserSession {
   private regions: RegionMapping[] = [];
   private readonly handlers: Map<number, Entry>;
   private closed = false;
+  /** The inflight region from SET_INFLIGHT_FD, mapped here, and the queue shape it was described with. */
+  private inflight: { mapping: RegionMapping; numQueues: number; queueSize: number } | null = null;
+  /** Our end of the backend request channel the frontend gave with SET_BACKEND_REQ_FD, or null. */
+  private backendChannel: UnixConnection | null = null;
+  /** Backend requests go out one at a time: the next waits for the previous one's reply. */
+  private backendQueue: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly conn: UnixConnection, private readonly device: VhostUserDevice, private readonly log: Logger, private readonly name = 'frontend') {
     this.vrings = Array.from({ length: device.numQueues }, () => newVring());
@@ -110,7 +153,7 @@ export class VhostUserSession {
       [R.GET_PROTOCOL_FEATURES, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_PROTOCOL_FEATURES, this.device.protocolFeatures) }],
       [R.SET_PROTOCOL_FEATURES, { fds: 0, replies: false, handler: (m) => this.setProtocolFeatures(m) }],
       [R.SET_OWNER, { fds: 0, replies: false, handler: (m) => decodeEmpty(m.request, m.payload) }],
-      [R.RESET_OWNER, { fds: 0, replies: false, handler: () => this.reset() }],
+      [R.RESET_OWNER, { fds: 0, replies: false, handler: () => this.resetOwner() }],
       [R.RESET_DEVICE, { fds: 0, replies: false, handler: () => this.reset() }],
       [R.GET_QUEUE_NUM, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_QUEUE_NUM, BigInt(this.device.numQueues)) }],
       [R.GET_MAX_MEM_SLOTS, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_MAX_MEM_SLOTS, BigInt(MAX_MEM_SLOTS)) }],
@@ -128,6 +171,10 @@ export class VhostUserSession {
       [R.SET_VRING_CALL, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'callFd') }],
       [R.SET_VRING_ERR, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'errFd') }],
       [R.SET_VRING_ENABLE, { fds: 0, replies: false, handler: (m) => this.setVringEnable(m) }],
+      [R.SET_BACKEND_REQ_FD, { fds: 1, replies: false, handler: (m) => this.setBackendReqFd(m) }],
+      // QEMU takes a zero-sized reply as "no inflight tracking" and goes on without it.
+      [R.GET_INFLIGHT_FD, { fds: 0, replies: true, handler: (m) => this.getInflightFd(m), errorReply: () => encodeReplyInflight({ mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0 }) }],
+      [R.SET_INFLIGHT_FD, { fds: 1, replies: false, handler: (m) => this.setInflightFd(m) }],
     ]);
   }
 
@@ -162,7 +209,14 @@ export class VhostUserSession {
       for (const fd of head.fds) closeQuietly(fd);
       throw err;
     }
-    const body = header.size > 0 ? await this.conn.recvExact(header.size) : { data: Buffer.alloc(0), fds: [] };
+    let body;
+    try {
+      body = header.size > 0 ? await this.conn.recvExact(header.size) : { data: Buffer.alloc(0), fds: [] };
+    } catch (err) {
+      // The body broke the stream (e.g. too many fds): the header's fds are ours to close.
+      for (const fd of head.fds) closeQuietly(fd);
+      throw err;
+    }
     if (!body) {
       for (const fd of head.fds) closeQuietly(fd);
       return null;
@@ -197,11 +251,22 @@ export class VhostUserSession {
         throw new Error(`cannot answer ${name}`);
       }
     }
-    if (reply) {
+    if (reply && 'fds' in reply) {
+      try {
+        this.conn.send(reply.reply, reply.fds);
+      } finally {
+        for (const fd of reply.fds) closeQuietly(fd);
+      }
+    } else if (reply) {
       this.conn.send(reply);
     } else if (m.needReply && this.negotiated(ProtocolFeature.REPLY_ACK)) {
       this.conn.send(encodeReplyAck(m.request, ok));
     }
+  }
+
+  /** True once the frontend acked VIRTIO_F_RING_PACKED: every ring is then packed. */
+  private get packedRings(): boolean {
+    return (this.features & (1n << VIRTIO_F_RING_PACKED)) !== 0n;
   }
 
   private negotiated(protocolFeature: number): boolean {
@@ -254,7 +319,8 @@ export class VhostUserSession {
     const { index, num } = decodeVringState(m.request, m.payload);
     const v = this.vring(index);
     if (v.running) throw new Refusal(`vring ${index} is running`);
-    if (num > 0xffff) throw new Refusal(`vring ${index} base ${num} does not fit a 16-bit ring index`);
+    // Packed rings carry both wrap counters and the used index too (RingStart.packed): all 32 bits count.
+    if (num > 0xffff && !this.packedRings) throw new Refusal(`vring ${index} base ${num} does not fit a 16-bit ring index`);
     v.base = num;
   }
 
@@ -309,7 +375,8 @@ export class VhostUserSession {
     try {
       await this.device.startRing({
         queue: index, size: v.size, descUserAddr: v.addr.desc, availUserAddr: v.addr.avail, usedUserAddr: v.addr.used,
-        lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features,
+        lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features, packed: this.packedRings,
+        inflight: this.inflightArea(index, v),
       });
     } catch (err) {
       throw new Refusal(`vring ${index} cannot start: ${(err as Error).message}`);
@@ -392,7 +459,176 @@ export class VhostUserSession {
     if (err) throw new Refusal(err);
   }
 
-  /** RESET_OWNER / RESET_DEVICE: stop every ring and forget ring state and features. */
+  /** RESET_OWNER: the frontend gives the device up, and with it the backend request channel. */
+  private async resetOwner(): Promise<void> {
+    await this.reset();
+    this.closeBackendChannel();
+  }
+
+  /** SET_BACKEND_REQ_FD: keeps the frontend's socket for backend requests (replacing an earlier one). */
+  private setBackendReqFd(m: Message): void {
+    decodeEmpty(m.request, m.payload);
+    if (!this.negotiated(ProtocolFeature.BACKEND_REQ)) throw new Refusal('VHOST_USER_PROTOCOL_F_BACKEND_REQ was not negotiated');
+    let isSocket: boolean;
+    try {
+      isSocket = fstatSync(m.fds[0]).isSocket();
+    } catch (err) {
+      throw new Refusal(`the file descriptor cannot be examined: ${(err as Error).message}`);
+    }
+    if (!isSocket) throw new Refusal('the file descriptor is not a socket');
+    this.closeBackendChannel();
+    this.backendChannel = new UnixConnection(m.fds[0]);
+    m.fds[0] = -1; // the channel owns it now
+    this.log.info(`${this.name}: backend request channel set up`);
+  }
+
+  private closeBackendChannel(): void {
+    this.backendChannel?.close();
+    this.backendChannel = null;
+  }
+
+  /** True while the frontend has given us a backend request channel. */
+  get hasBackendChannel(): boolean {
+    return this.backendChannel !== null;
+  }
+
+  /**
+   * Tells the frontend that the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG): QEMU then
+   * reads it back with GET_CONFIG and, if the capacity changed, interrupts the guest. Resolves true once
+   * the frontend took it (acknowledged it, with REPLY_ACK); false without a channel or when it failed,
+   * which is logged. Never rejects, and never waits longer than BACKEND_REPLY_TIMEOUT_MS for a reply.
+   */
+  notifyConfigChange(): Promise<boolean> {
+    const run = this.backendQueue.then(() => this.sendBackendRequest(BackendRequest.CONFIG_CHANGE_MSG));
+    this.backendQueue = run;
+    return run;
+  }
+
+  private async sendBackendRequest(request: number): Promise<boolean> {
+    const channel = this.backendChannel;
+    const name = backendRequestName(request);
+    if (!channel || this.closed) {
+      this.log.info(`${this.name}: no backend request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ not set up); ${name} not sent`);
+      return false;
+    }
+    // Without REPLY_ACK the frontend never answers: asking for a reply would leave one unread forever.
+    const needReply = this.negotiated(ProtocolFeature.REPLY_ACK);
+    try {
+      channel.send(encodeBackendRequest(request, undefined, needReply));
+      if (needReply) {
+        const ack = await this.backendReply(channel, request);
+        if (ack !== 0n) {
+          this.log.warn(`${this.name}: the frontend answered ${name} with failure (${ack})`);
+          return false;
+        }
+      }
+      this.log.debug(`${this.name}: ${name} sent${needReply ? ' and acknowledged' : ''}`);
+      return true;
+    } catch (err) {
+      // A reply late, malformed or missing leaves the stream out of step: the channel is dropped.
+      this.log.warn(`${this.name}: ${name} failed: ${(err as Error).message}; backend request channel closed`);
+      if (this.backendChannel === channel) this.closeBackendChannel();
+      else channel.close();
+      return false;
+    }
+  }
+
+  /** Reads the u64 reply to a backend request within BACKEND_REPLY_TIMEOUT_MS. */
+  private async backendReply(channel: UnixConnection, request: number): Promise<bigint> {
+    let timedOut = false;
+    // Closing the channel ends a receive parked in poll(): the awaits below then see end of stream.
+    const timer = setTimeout(() => { timedOut = true; channel.close(); }, BACKEND_REPLY_TIMEOUT_MS);
+    const gone = () => new Error(timedOut ? `no reply within ${BACKEND_REPLY_TIMEOUT_MS} ms` : 'the frontend closed the channel');
+    try {
+      const head = await channel.recvExact(HEADER_SIZE);
+      if (!head) throw gone();
+      for (const fd of head.fds) closeQuietly(fd);
+      const h = decodeReplyHeader(head.data, 'backend');
+      if (h.request !== request) throw new Error(`the reply is for ${backendRequestName(h.request)}`);
+      const body = await channel.recvExact(h.size);
+      if (!body) throw gone();
+      for (const fd of body.fds) closeQuietly(fd);
+      if (body.data.length !== 8) throw new Error(`the reply payload is ${body.data.length} bytes, expected 8`);
+      return body.data.readBigUInt64LE(0);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * GET_INFLIGHT_FD: a new zero-filled memfd sized for the queues the frontend describes. The frontend
+   * keeps it and hands it back with SET_INFLIGHT_FD, to this process or to the next one after a restart.
+   * Only split rings are tracked: with packed rings (or a request that does not fit) the reply says size 0.
+   */
+  private getInflightFd(m: Message): HandlerResult {
+    const d = decodeInflight(m.payload, R.GET_INFLIGHT_FD);
+    if (!this.negotiated(ProtocolFeature.INFLIGHT_SHMFD)) throw new Refusal('VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated');
+    if (this.packedRings) throw new Refusal('inflight tracking covers split rings only, and VIRTIO_F_RING_PACKED was negotiated');
+    this.checkInflightShape(d.numQueues, d.queueSize);
+    const size = inflightRegionBytes(d.numQueues, d.queueSize);
+    const fd = memfdCreate('vhost-blk-inflight');
+    try {
+      ftruncate(fd, size);
+    } catch (err) {
+      closeQuietly(fd);
+      throw err;
+    }
+    this.log.info(`${this.name}: inflight region of ${size} bytes created for ${d.numQueues} queues of ${d.queueSize}`);
+    return { reply: encodeReplyInflight({ mmapSize: size, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize }), fds: [fd] };
+  }
+
+  private checkInflightShape(numQueues: number, queueSize: number): void {
+    if (numQueues < 1 || numQueues > this.vrings.length) throw new Refusal(`inflight region for ${numQueues} queues (this device has ${this.vrings.length})`);
+    if (queueSize < 1 || queueSize > MAX_QUEUE_SIZE) throw new Refusal(`inflight queue size ${queueSize} is not in 1..${MAX_QUEUE_SIZE}`);
+  }
+
+  /**
+   * SET_INFLIGHT_FD: maps the region the frontend kept (sent before the rings start). Rings started from
+   * now on record their requests there, and the first start of each recovers what a previous backend left.
+   */
+  private setInflightFd(m: Message): void {
+    const d = decodeInflight(m.payload, R.SET_INFLIGHT_FD);
+    if (!this.negotiated(ProtocolFeature.INFLIGHT_SHMFD)) throw new Refusal('VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated');
+    const running = this.vrings.findIndex((v) => v.running);
+    if (running >= 0) throw new Refusal(`vring ${running} is running; the inflight region can only change while every ring is stopped`);
+    this.checkInflightShape(d.numQueues, d.queueSize);
+    const need = inflightRegionBytes(d.numQueues, d.queueSize);
+    if (d.mmapSize < need) throw new Refusal(`inflight region of ${d.mmapSize} bytes, ${d.numQueues} queues of ${d.queueSize} need ${need}`);
+    // The per-queue views are typed arrays over u64/u32/u16 fields.
+    if (d.mmapOffset % 8 !== 0) throw new Refusal(`inflight region offset ${d.mmapOffset} is not 8-byte aligned`);
+    const fd = m.fds[0];
+    m.fds[0] = -1; // mapRegion closes it, mapped or not
+    let mapping: RegionMapping;
+    try {
+      mapping = mapRegion({ guestAddr: 0, size: d.mmapSize, userAddr: 0, mmapOffset: d.mmapOffset }, fd);
+    } catch (err) {
+      throw new Refusal(`mapping the inflight region failed: ${(err as Error).message}`);
+    }
+    this.dropInflight();
+    this.inflight = { mapping, numQueues: d.numQueues, queueSize: d.queueSize };
+    this.log.info(`${this.name}: inflight region set: ${d.mmapSize} bytes for ${d.numQueues} queues of ${d.queueSize}`);
+  }
+
+  /** Queue `index`'s part of the inflight region, or null when this ring is not tracked. */
+  private inflightArea(index: number, v: Vring): InflightArea | null {
+    const f = this.inflight;
+    if (!f || this.packedRings) return null;
+    if (index >= f.numQueues || v.size > f.queueSize) {
+      this.log.warn(`${this.name}: vring ${index} (size ${v.size}) is outside the inflight region (${f.numQueues} queues of ${f.queueSize}); its requests are not tracked`);
+      return null;
+    }
+    const bytes = inflightQueueBytes(f.queueSize);
+    return { hostAddr: f.mapping.hostAddr + index * bytes, bytes, queueSize: f.queueSize };
+  }
+
+  /** Unmaps the inflight region; only once no ring runs (workers write to it). */
+  private dropInflight(): void {
+    if (!this.inflight) return;
+    unmapRegion(this.inflight.mapping);
+    this.inflight = null;
+  }
+
+  /** RESET_OWNER / RESET_DEVICE: stop every ring and forget ring state, features and the inflight region. */
   private async reset(): Promise<void> {
     for (let i = 0; i < this.vrings.length; i++) {
       const v = this.vrings[i];
@@ -401,6 +637,8 @@ export class VhostUserSession {
       this.vrings[i] = newVring();
     }
     this.features = 0n;
+    // A reset device starts over with fresh rings; QEMU gets a new region (and sends it) before it restarts.
+    this.dropInflight();
   }
 
   /** After the connection ends: stop rings (in-flight requests finish), unmap memory, close fds. */
@@ -408,6 +646,7 @@ export class VhostUserSession {
     if (this.closed) return;
     this.closed = true;
     this.conn.close();
+    this.closeBackendChannel();
     for (let i = 0; i < this.vrings.length; i++) {
       try {
         await this.stopRing(i, this.vrings[i]);
@@ -423,6 +662,9 @@ export class VhostUserSession {
     }
     for (const r of this.regions) unmapRegion(r);
     this.regions = [];
+    // A ring that failed to stop may still write to the region: leaving it mapped costs only address space.
+    if (this.vrings.some((v) => v.running)) this.log.error(`${this.name}: a vring is still running; the inflight region stays mapped`);
+    else this.dropInflight();
   }
 }
 

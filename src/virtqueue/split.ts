@@ -13,81 +13,25 @@
  */
 
 import type { GuestMemory } from "../memory/guest-memory.js";
+import type { InflightQueue, InflightRecovery } from "./inflight.js";
+import {
+  DescriptorChain, HOST_IS_LITTLE_ENDIAN, MAX_INDIRECT_ENTRIES, MAX_QUEUE_SIZE, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN,
+  VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, hex, locateRingPart, type QueueOptions, type RingAddresses, type VirtQueue,
+} from "./queue.js";
 
-/** Descriptor flag: the chain continues at `next`. */
-export const VIRTQ_DESC_F_NEXT = 1;
-/** Descriptor flag: the buffer is device-writable (otherwise device-readable). */
-export const VIRTQ_DESC_F_WRITE = 2;
-/** Descriptor flag: the buffer is a table of further descriptors. */
-export const VIRTQ_DESC_F_INDIRECT = 4;
+// The shared pieces stay importable from here, where they lived before packed rings came.
+export {
+  DescriptorChain, MAX_INDIRECT_ENTRIES, MAX_QUEUE_SIZE, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE, type RingAddresses,
+} from "./queue.js";
+
 /** avail.flags bit: the driver asks us not to interrupt it (only meaningful without EVENT_IDX). */
 export const VRING_AVAIL_F_NO_INTERRUPT = 1;
 /** used.flags bit: we ask the driver not to kick us (only meaningful without EVENT_IDX). */
 export const VRING_USED_F_NO_NOTIFY = 1;
-/** Largest queue size the split layout allows (virtio 1.2, 2.7). */
-export const MAX_QUEUE_SIZE = 32768;
-/** Largest indirect table we accept, in descriptors: the spec bounds chains by the maximum queue size. */
-export const MAX_INDIRECT_ENTRIES = 32768;
-
-/** popChain result: nothing is available. */
-export const POP_EMPTY = -1;
-/** popChain result: the head was consumed but its chain is malformed; complete chain.head with used len 0. Reason in lastError. */
-export const POP_BAD_CHAIN = -2;
-/** popChain result: the ring itself is corrupt; the queue is now broken and serves nothing more. Reason in lastError. */
-export const POP_RING_BROKEN = -3;
-
-/** Guest physical addresses of the three ring parts. */
-export interface RingAddresses {
-  /** Descriptor table, 16-byte aligned. */
-  descAddr: number;
-  /** Available (driver) ring, 2-byte aligned. */
-  availAddr: number;
-  /** Used (device) ring, 4-byte aligned. */
-  usedAddr: number;
-}
 
 /** Negotiated features that change how the queue is read. */
-export interface SplitQueueOptions {
-  /** VIRTIO_F_EVENT_IDX: use used_event/avail_event instead of the flags fields. */
-  eventIdx: boolean;
-  /** VIRTIO_F_INDIRECT_DESC: the driver may use indirect descriptor tables. */
-  indirect: boolean;
-}
-
-/** A preallocated, reusable descriptor chain, filled by popChain. */
-export class DescriptorChain {
-  /** Head descriptor index (what pushUsed takes back), or -1 before the first pop. */
-  head = -1;
-  /** Number of buffers filled in the arrays below (0 after a failed pop). */
-  count = 0;
-  /** Most buffers this chain can hold; popChain rejects longer chains rather than allocating. */
-  readonly capacity: number;
-  /** Guest physical address of each buffer (Float64 so 53-bit addresses stay exact). */
-  readonly addr: Float64Array;
-  /** Length in bytes of each buffer. */
-  readonly len: Uint32Array;
-  /** 1 if the buffer is device-writable, 0 if device-readable. */
-  readonly writable: Uint8Array;
-
-  /** Allocates room for `capacity` buffers once, so popChain never allocates. */
-  constructor(capacity: number) {
-    if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_QUEUE_SIZE) {
-      throw new RangeError(`DescriptorChain capacity must be an integer in 1..${MAX_QUEUE_SIZE}, got ${capacity}`);
-    }
-    this.capacity = capacity;
-    this.addr = new Float64Array(capacity);
-    this.len = new Uint32Array(capacity);
-    this.writable = new Uint8Array(capacity);
-  }
-}
-
-/** True when typed arrays use little-endian order, which the ring views below rely on. */
-const HOST_IS_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
-
-/** Hex formatting for error messages: guest addresses are easier to match against guest logs in hex. */
-function hex(n: number): string {
-  return "0x" + n.toString(16);
-}
+export type SplitQueueOptions = QueueOptions;
 
 /** Names a descriptor in error messages; only called on failure so the walk itself builds no strings. */
 function descName(indirectView: DataView | null, i: number): string {
@@ -95,7 +39,7 @@ function descName(indirectView: DataView | null, i: number): string {
 }
 
 /** Device-side state and logic for one split virtqueue. */
-export class SplitQueue {
+export class SplitQueue implements VirtQueue {
   /** Number of descriptors / ring entries (power of two). */
   readonly size: number;
   /** Set once the ring is found corrupt; from then on popChain returns POP_RING_BROKEN. */
@@ -140,6 +84,12 @@ export class SplitQueue {
   private dFlags = 0;
   private dNext = 0;
 
+  /** Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), or null when the frontend did not set it up. */
+  private inflight: InflightQueue | null = null;
+  /** Heads a previous backend took and never completed, oldest first: popChain hands them out before new ones. */
+  private resubmit: Uint16Array = new Uint16Array(0);
+  private resubmitPos = 0;
+
   /** Throws RangeError with a clear message if size is not a power of two in 1..32768, or any ring part is misaligned or not wholly inside ONE guest memory region. */
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, opts: SplitQueueOptions, lastAvailIdx: number) {
     if (!HOST_IS_LITTLE_ENDIAN) throw new RangeError("SplitQueue needs a little-endian host: ring views are native typed arrays");
@@ -161,9 +111,9 @@ export class SplitQueue {
     const availBytes = 4 + 2 * size + eventBytes;
     const usedBytes = 4 + 8 * size + eventBytes;
 
-    const descOff = SplitQueue.locate(mem, "descriptor table", addrs.descAddr, descBytes, 16);
-    const availOff = SplitQueue.locate(mem, "avail ring", addrs.availAddr, availBytes, 2);
-    const usedOff = SplitQueue.locate(mem, "used ring", addrs.usedAddr, usedBytes, 4);
+    const descOff = locateRingPart(mem, "descriptor table", addrs.descAddr, descBytes, 16);
+    const availOff = locateRingPart(mem, "avail ring", addrs.availAddr, availBytes, 2);
+    const usedOff = locateRingPart(mem, "used ring", addrs.usedAddr, usedBytes, 4);
 
     const dr = mem.regions[descOff.region];
     this.desc32 = new Uint32Array(dr.bytes.buffer, descOff.byteOffset, 4 * size);
@@ -184,23 +134,13 @@ export class SplitQueue {
     this.signalledUsed = this.nextUsed;
   }
 
-  /** Checks one ring part and returns its region and byte offset in the region's buffer, or throws RangeError. */
-  private static locate(mem: GuestMemory, what: string, gpa: number, len: number, align: number): { region: number; byteOffset: number } {
-    if (!Number.isSafeInteger(gpa) || gpa < 0) throw new RangeError(`${what} address ${gpa} is not a valid guest physical address`);
-    if (gpa % align !== 0) throw new RangeError(`${what} at guest ${hex(gpa)} is not ${align}-byte aligned`);
-    const region = mem.findRegion(gpa, len);
-    if (region < 0) {
-      throw new RangeError(`${what} [${hex(gpa)}, ${hex(gpa + len)}) is not wholly inside one guest memory region`);
-    }
-    const r = mem.regions[region];
-    const byteOffset = r.bytes.byteOffset + (gpa - r.guestAddr);
-    // Typed views need natural alignment in the host buffer too; real mappings are page aligned, so this only trips on odd test setups.
-    if (byteOffset % align !== 0) throw new RangeError(`${what} at guest ${hex(gpa)} is mapped at a host offset not ${align}-byte aligned`);
-    return { region, byteOffset };
-  }
-
   /** Next avail index we will consume: what GET_VRING_BASE returns. */
   get lastAvailIdx(): number {
+    return this.lastAvail;
+  }
+
+  /** For split rings GET_VRING_BASE carries the next avail index alone (used.idx is in guest memory). */
+  get vringBase(): number {
     return this.lastAvail;
   }
 
@@ -212,6 +152,7 @@ export class SplitQueue {
   /** True if the driver has made buffers available that we have not consumed yet (false once broken). */
   hasAvailable(): boolean {
     if (this.broken) return false;
+    if (this.resubmitPos < this.resubmit.length) return true;
     this.shadowAvail = Atomics.load(this.avail16, 1);
     return this.shadowAvail !== this.lastAvail;
   }
@@ -219,6 +160,7 @@ export class SplitQueue {
   /** Takes the next available chain into `chain`: >= 0 head index on success, else POP_EMPTY / POP_BAD_CHAIN / POP_RING_BROKEN. */
   popChain(chain: DescriptorChain): number {
     if (this.broken) return POP_RING_BROKEN;
+    if (this.resubmitPos < this.resubmit.length) return this.popResubmitted(chain);
     const last = this.lastAvail;
     if (last === this.shadowAvail) {
       this.shadowAvail = Atomics.load(this.avail16, 1);
@@ -234,6 +176,12 @@ export class SplitQueue {
     }
     // Consume the entry before walking: a bad chain is still returned to the guest (len 0) so it can recover.
     this.lastAvail = (last + 1) & 0xffff;
+    if (this.inflight !== null) this.inflight.started(head);
+    return this.takeChain(chain, head);
+  }
+
+  /** Walks the chain at `head` into `chain`: `head`, or POP_BAD_CHAIN (reason in lastError). */
+  private takeChain(chain: DescriptorChain, head: number): number {
     chain.head = head;
     chain.count = 0;
     const err = this.walk(chain, head);
@@ -243,6 +191,30 @@ export class SplitQueue {
       return POP_BAD_CHAIN;
     }
     return head;
+  }
+
+  /** The next head a previous backend left in flight: already consumed from the avail ring, and still marked in flight. */
+  private popResubmitted(chain: DescriptorChain): number {
+    const head = this.resubmit[this.resubmitPos++];
+    return this.takeChain(chain, head);
+  }
+
+  /**
+   * Turns on inflight tracking with this queue's part of the frontend's inflight region, before the first
+   * pop: recovers it against used.idx, and, when a previous backend left state there, restarts at used.idx +
+   * requests in flight (not at the SET_VRING_BASE index, which after a crash is only used.idx) with those
+   * requests queued for popChain ahead of new ones. Throws RangeError on a region it cannot trust.
+   */
+  trackInflight(tracker: InflightQueue): InflightRecovery {
+    if (tracker.ringSize !== this.size) throw new RangeError(`inflight tracker is for ${tracker.ringSize} descriptors, the ring has ${this.size}`);
+    const r = tracker.recover(this.nextUsed);
+    if (r.recovered) {
+      this.lastAvail = this.shadowAvail = r.lastAvailIdx;
+      this.resubmit = Uint16Array.from(r.resubmit);
+      this.resubmitPos = 0;
+    }
+    this.inflight = tracker;
+    return r;
   }
 
   /** Marks the ring unusable: the guest broke an invariant we cannot recover from without a reset. */
@@ -337,6 +309,9 @@ export class SplitQueue {
   /** Returns chain `head` to the driver with `writtenLen` bytes written: writes the used element, then publishes used.idx. */
   pushUsed(head: number, writtenLen: number): void {
     if (!(head >= 0 && head < this.size)) throw new RangeError(`pushUsed: head ${head} is not below queue size ${this.size}`);
+    // Inflight tracking brackets the used ring update (see inflight.ts for why in this order).
+    const inflight = this.inflight;
+    if (inflight !== null) inflight.beforeUsed(head);
     const u = this.nextUsed;
     const e = 1 + 2 * (u & this.mask);
     this.used32[e] = head;
@@ -344,6 +319,7 @@ export class SplitQueue {
     this.nextUsed = (u + 1) & 0xffff;
     // Release: the element above must be visible before the driver can see the new index.
     Atomics.store(this.used16, 1, this.nextUsed);
+    if (inflight !== null) inflight.afterUsed(head, this.nextUsed);
   }
 
   /** After a batch of pushUsed: true if the driver wants an interrupt now (EVENT_IDX or avail.flags rules). */
