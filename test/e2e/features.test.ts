@@ -15,20 +15,16 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
-import * as path from 'node:path';
 import { test, type TestContext } from 'node:test';
 
 import { pageCacheState, type PageCacheState } from '../page-cache.js';
 import {
   createSparseImage,
-  ensureGuestAssets,
   Guest,
   guestPattern,
-  makeTempDir,
-  requireTools,
+  runScenario,
   startVhostBlk,
   step,
-  withDiagnostics,
   type DaemonHandle,
 } from './guest.js';
 
@@ -166,22 +162,15 @@ async function expectContent(guest: Guest, dev: string, image: string, offset: n
 // Boot 1: multi-queue, discard / write-zeroes, writethrough switched by the guest
 // ---------------------------------------------------------------------------
 
-test('features: 2 queues on 2 vCPUs with pinned fio writers; discard and write-zeroes; writethrough set by the guest', { timeout: 400_000 }, async (t) => {
-  requireTools(['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd']);
-  const assets = await step('build guest initramfs', () => ensureGuestAssets());
-  const tmp = await makeTempDir('vhost-blk-e2e-features-');
-  let daemon: DaemonHandle | undefined;
-  let guest: Guest | undefined;
-  try {
-    const image = path.join(tmp.path, 'disk.img');
-    const socket = path.join(tmp.path, 'vhost-user-blk.sock');
+test('features: 2 queues on 2 vCPUs with pinned fio writers; discard and write-zeroes; writethrough set by the guest', { timeout: 400_000 }, (t) =>
+  runScenario('features', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (sc) => {
+    const image = sc.path('disk.img');
+    const socket = sc.path('vhost-user-blk.sock');
     await createSparseImage(image, IMAGE_BYTES);
-    daemon = await step('start vhost-blk serve', () =>
-      startVhostBlk(['--socket', socket, '--image', image, '--num-queues', '2', '--threads', '2', '--writeback', 'on', '--log-level', 'debug']),
+    const d = await step('start vhost-blk serve', () =>
+      sc.track(startVhostBlk(['--socket', socket, '--image', image, '--num-queues', '2', '--threads', '2', '--writeback', 'on', '--log-level', 'debug'])),
     );
-    const d = daemon;
-    guest = await step('boot', () => Guest.boot({ socket, assets, cpus: 2, numQueues: 2 }));
-    const g = guest;
+    const g = await step('boot', () => sc.boot({ socket, cpus: 2, numQueues: 2 }));
     const pattern = guestPattern();
 
     // --- Two queues, each served by its own worker, each fed by a writer pinned to one of its CPUs.
@@ -321,14 +310,7 @@ test('features: 2 queues on 2 vCPUs with pinned fio writers; discard and write-z
       assert.ok((await readImage(image, base, 3 * MiB)).equals(Buffer.alloc(3 * MiB)), 'discarded and zeroed ranges');
     });
     assert.equal(await step('SIGTERM vhost-blk', () => d.stop('SIGTERM', 15_000)), 0, 'vhost-blk exit code');
-  } catch (err) {
-    throw withDiagnostics(err, [guest, daemon]);
-  } finally {
-    await guest?.dispose();
-    await daemon?.stop('SIGKILL').catch(() => undefined);
-    await tmp.cleanup();
-  }
-});
+  }));
 
 // ---------------------------------------------------------------------------
 // Boot 2: a read-only disk and a disk started in writethrough
@@ -349,40 +331,32 @@ async function sha256File(file: string): Promise<string> {
   return createHash('sha256').update(await fsp.readFile(file)).digest('hex');
 }
 
-test('features: a --readonly disk refuses every write; a --writeback off disk (4 KiB blocks, 256-entry ring) is write through and durable', { timeout: 300_000 }, async (t) => {
-  requireTools(['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd']);
-  const assets = await step('build guest initramfs', () => ensureGuestAssets());
-  const tmp = await makeTempDir('vhost-blk-e2e-features-ro-');
-  let roDaemon: DaemonHandle | undefined;
-  let wtDaemon: DaemonHandle | undefined;
-  let guest: Guest | undefined;
-  try {
+test('features: a --readonly disk refuses every write; a --writeback off disk (4 KiB blocks, 256-entry ring) is write through and durable', { timeout: 300_000 }, (t) =>
+  runScenario('features-ro', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (sc) => {
     const pattern = guestPattern();
-    const roImage = path.join(tmp.path, 'ro.img');
-    const wtImage = path.join(tmp.path, 'wt.img');
-    const roSocket = path.join(tmp.path, 'ro.sock');
-    const wtSocket = path.join(tmp.path, 'wt.sock');
+    const roImage = sc.path('ro.img');
+    const wtImage = sc.path('wt.img');
+    const roSocket = sc.path('ro.sock');
+    const wtSocket = sc.path('wt.sock');
     await createSparseImage(roImage, IMAGE_BYTES);
     await fsp.writeFile(roImage, pattern, { flag: 'r+' });
     const roHash = await sha256File(roImage);
     await createSparseImage(wtImage, IMAGE_BYTES);
-    roDaemon = await step('start vhost-blk serve --readonly', () =>
-      startVhostBlk(['--socket', roSocket, '--image', roImage, '--readonly', '--serial', 'e2e-readonly']),
+    const roDaemon = await step('start vhost-blk serve --readonly', () =>
+      sc.track(startVhostBlk(['--socket', roSocket, '--image', roImage, '--readonly', '--serial', 'e2e-readonly'])),
     );
-    wtDaemon = await step('start vhost-blk serve --writeback off', () =>
-      startVhostBlk([
+    const wtDaemon = await step('start vhost-blk serve --writeback off', () =>
+      sc.track(startVhostBlk([
         '--socket', wtSocket, '--image', wtImage, '--writeback', 'off', '--serial', 'e2e-writethrough',
         '--logical-block-size', '4096', '--physical-block-size', '16384', '--queue-size', '256',
-      ]),
+      ])),
     );
-    guest = await step('boot with both disks', () =>
-      Guest.boot({
+    const g = await step('boot with both disks', () =>
+      sc.boot({
         socket: roSocket,
-        assets,
         extraQemuArgs: ['-chardev', `socket,id=c1,path=${wtSocket}`, '-device', 'vhost-user-blk-pci,chardev=c1,num-queues=1,queue-size=256'],
       }),
     );
-    const g = guest;
     const ro = await step('find the read-only disk', () => diskWithSerial(g, 'e2e-readonly'));
     const wt = await step('find the writethrough disk', () => diskWithSerial(g, 'e2e-writethrough'));
 
@@ -432,16 +406,8 @@ test('features: a --readonly disk refuses every write; a --writeback off disk (4
     });
 
     assert.equal(await step('power off', () => g.poweroff()), 0, 'QEMU exit code after poweroff');
-    assert.equal(await step('SIGTERM the read-only daemon', () => roDaemon!.stop('SIGTERM', 15_000)), 0, 'exit code');
-    assert.equal(await step('SIGTERM the writethrough daemon', () => wtDaemon!.stop('SIGTERM', 15_000)), 0, 'exit code');
+    assert.equal(await step('SIGTERM the read-only daemon', () => roDaemon.stop('SIGTERM', 15_000)), 0, 'exit code');
+    assert.equal(await step('SIGTERM the writethrough daemon', () => wtDaemon.stop('SIGTERM', 15_000)), 0, 'exit code');
     assert.equal(await sha256File(roImage), roHash, 'the read-only image changed on the host');
     assert.ok((await readImage(wtImage, 8 * MiB, pattern.length)).equals(pattern), 'writethrough image on the host');
-  } catch (err) {
-    throw withDiagnostics(err, [guest, roDaemon, wtDaemon]);
-  } finally {
-    await guest?.dispose();
-    await roDaemon?.stop('SIGKILL').catch(() => undefined);
-    await wtDaemon?.stop('SIGKILL').catch(() => undefined);
-    await tmp.cleanup();
-  }
-});
+  }));

@@ -568,6 +568,8 @@ export interface BootOptions {
   numQueues?: number;
   /** Appended verbatim to the -device vhost-user-blk-pci,... argument, e.g. ",queue-size=256". */
   extraDeviceArgs?: string;
+  /** Appended verbatim to the -chardev socket,... argument, e.g. ",reconnect=1" (QEMU reconnects to a restarted backend). */
+  extraChardevArgs?: string;
   /** Extra QEMU arguments. */
   extraQemuArgs?: string[];
   /** Extra kernel command line. */
@@ -714,7 +716,7 @@ export class Guest {
       '-serial', 'stdio',
       '-monitor', 'none',
       '-no-reboot',
-      '-chardev', `socket,id=c0,path=${opts.socket}`,
+      '-chardev', `socket,id=c0,path=${opts.socket}${opts.extraChardevArgs ?? ''}`,
       '-device', `vhost-user-blk-pci,chardev=c0,num-queues=${numQueues}${opts.extraDeviceArgs ?? ''}`,
       ...(opts.extraQemuArgs ?? []),
     ];
@@ -1295,4 +1297,64 @@ export async function runFioWorkloads(guest: Guest): Promise<void> {
   const MiB = 1024 * 1024;
   await runFioVerify(guest, { offset: 48 * MiB, size: 8 * MiB, bs: '4k', iodepth: 16, rw: 'randwrite' });
   await runFioVerify(guest, { offset: 56 * MiB, size: 7 * MiB, bs: '512-128k', iodepth: 8, rw: 'randrw' });
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+/** What an end-to-end scenario works with: a temp dir, the guest assets, and the processes it started. */
+export class Scenario {
+  private readonly guests: Guest[] = [];
+  private readonly daemons: DaemonHandle[] = [];
+
+  constructor(readonly tmp: TempDir, readonly assets: GuestAssets) {}
+
+  /** A path inside the scenario's temp dir. */
+  path(name: string): string {
+    return path.join(this.tmp.path, name);
+  }
+
+  /** Tracks a started daemon: its output goes into failure messages, and it is killed at the end. */
+  async track(started: Promise<DaemonHandle>): Promise<DaemonHandle> {
+    const d = await started;
+    this.daemons.push(d);
+    return d;
+  }
+
+  /** Boots a guest with the scenario's assets; tracked like daemons. */
+  async boot(opts: Omit<BootOptions, 'assets'>): Promise<Guest> {
+    const g = await Guest.boot({ ...opts, assets: this.assets });
+    this.guests.push(g);
+    return g;
+  }
+
+  /** The latest guest's console and every daemon's output, appended to `err`. */
+  diagnose(err: unknown): unknown {
+    return withDiagnostics(err, [this.guests.at(-1), ...this.daemons]);
+  }
+
+  /** Kills whatever is still running and removes the temp dir. */
+  async dispose(): Promise<void> {
+    for (const g of this.guests) await g.dispose();
+    for (const d of this.daemons) await d.stop('SIGKILL').catch(() => undefined);
+    await this.tmp.cleanup();
+  }
+}
+
+/**
+ * Runs one end-to-end scenario: checks the tools (a missing one fails, naming its package), builds the
+ * guest assets, and whatever happens kills the guests and daemons it started and removes its temp dir.
+ */
+export async function runScenario(name: string, tools: string[], fn: (s: Scenario) => Promise<void>): Promise<void> {
+  requireTools(tools);
+  const assets = await step('build guest initramfs', () => ensureGuestAssets());
+  const s = new Scenario(await makeTempDir(`vhost-blk-e2e-${name}-`), assets);
+  try {
+    await fn(s);
+  } catch (err) {
+    throw s.diagnose(err);
+  } finally {
+    await s.dispose();
+  }
 }

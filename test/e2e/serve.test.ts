@@ -5,22 +5,17 @@
 
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { test } from 'node:test';
 
 import {
   checkImagePattern,
   createSparseImage,
   runFioWorkloads,
-  ensureGuestAssets,
-  Guest,
-  makeTempDir,
-  requireTools,
   runPatternScenario,
+  runScenario,
   startVhostBlk,
   step,
   verifyPatternInGuest,
-  withDiagnostics,
   type DaemonHandle,
 } from './guest.js';
 
@@ -47,24 +42,16 @@ async function waitForSocket(daemon: DaemonHandle, timeoutMs: number): Promise<v
   }
 }
 
-test('vhost-blk serve: O_DIRECT pattern scenario, second boot, clean SIGTERM', { timeout: 540_000 }, async () => {
-  // Missing tools fail the test (with the apt package to install); never a silent skip.
-  requireTools(['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd']);
-  const assets = await step('build guest initramfs', () => ensureGuestAssets());
-  const tmp = await makeTempDir('vhost-blk-e2e-serve-');
-  let daemon: DaemonHandle | undefined;
-  let guest: Guest | undefined;
-  try {
-    const image = path.join(tmp.path, 'disk.img');
-    const socket = path.join(tmp.path, 'vhost-user-blk.sock');
+test('vhost-blk serve: O_DIRECT pattern scenario, second boot, clean SIGTERM', { timeout: 540_000 }, () =>
+  runScenario('serve', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (s) => {
+    const image = s.path('disk.img');
+    const socket = s.path('vhost-user-blk.sock');
     await createSparseImage(image, IMAGE_BYTES);
 
-    daemon = await step('start vhost-blk serve', () => startVhostBlk(['--socket', socket, '--image', image]));
-    const d = daemon;
+    const d = await step('start vhost-blk serve', () => s.track(startVhostBlk(['--socket', socket, '--image', image])));
 
     // First guest: the full reference scenario.
-    guest = await step('boot #1', () => Guest.boot({ socket, assets }));
-    const g1 = guest;
+    const g1 = await step('boot #1', () => s.boot({ socket }));
     const regions = await step('pattern scenario (boot #1)', () => runPatternScenario(g1, image));
     await step('fio verify workloads (boot #1)', () => runFioWorkloads(g1));
     assert.equal(await step('power off #1', () => g1.poweroff()), 0, 'QEMU exit code after poweroff #1');
@@ -73,19 +60,11 @@ test('vhost-blk serve: O_DIRECT pattern scenario, second boot, clean SIGTERM', {
     // Second guest against the same daemon process: it must accept a new
     // front-end once the first one has disconnected.
     await step('daemon listens again', () => waitForSocket(d, 10_000));
-    guest = await step('boot #2', () => Guest.boot({ socket, assets }));
-    const g2 = guest;
+    const g2 = await step('boot #2', () => s.boot({ socket }));
     await step('read back (boot #2)', () => verifyPatternInGuest(g2, regions));
     assert.equal(await step('power off #2', () => g2.poweroff()), 0, 'QEMU exit code after poweroff #2');
 
     const code = await step('SIGTERM vhost-blk', () => d.stop('SIGTERM', 15_000));
     assert.equal(code, 0, `vhost-blk exit code after SIGTERM (signal ${d.proc.signalCode})`);
     await step('check image on host after shutdown', () => checkImagePattern(image, regions));
-  } catch (err) {
-    throw withDiagnostics(err, [guest, daemon]);
-  } finally {
-    await guest?.dispose();
-    await daemon?.stop('SIGKILL').catch(() => undefined);
-    await tmp.cleanup();
-  }
-});
+  }));

@@ -1,97 +1,13 @@
 // The real daemon process driven through the vhost-user-blk front-end library, as QEMU would drive it.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync, truncateSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { VhostUserBlkClient, BlkRequestError, STATUS_NOT_WRITTEN, type ClientOptions } from '../../src/frontend/index.js';
+import { join } from 'node:path';
+import { VhostUserBlkClient, BlkRequestError, STATUS_NOT_WRITTEN } from '../../src/frontend/index.js';
 import { Feature, RequestType, Status } from '../../src/blk/constants.js';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/messages.js';
-
-const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
-const BIN = join(REPO, 'bin', 'vhost-blk');
-const MiB = 1024 * 1024;
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-/** A daemon process and where it listens. */
-interface Daemon {
-  proc: ChildProcess;
-  socket: string;
-  dir: string;
-  log: string[];
-  exit: Promise<number | null>;
-}
-
-/** Starts `bin/vhost-blk serve` with `args` and waits for its socket to appear. */
-async function startDaemon(dir: string, args: string[]): Promise<Daemon> {
-  const socket = join(dir, 's');
-  const proc = spawn(process.execPath, [BIN, 'serve', '--socket', socket, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  const log: string[] = [];
-  proc.stderr!.setEncoding('utf8').on('data', (d: string) => log.push(d));
-  const exit = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  let exited = false;
-  void exit.then(() => { exited = true; });
-  const deadline = Date.now() + 10_000;
-  while (!existsSync(socket)) {
-    if (exited) throw new Error(`daemon exited before listening:\n${log.join('')}`);
-    if (Date.now() > deadline) throw new Error(`daemon did not create ${socket}:\n${log.join('')}`);
-    await sleep(20);
-  }
-  return { proc, socket, dir, log, exit };
-}
-
-/** SIGTERM, then the exit code (null if it had to be killed after 5 s). */
-async function stopDaemon(d: Daemon): Promise<number | null> {
-  if (d.proc.exitCode !== null) return d.proc.exitCode;
-  d.proc.kill('SIGTERM');
-  const timer = setTimeout(() => d.proc.kill('SIGKILL'), 5000);
-  const code = await d.exit;
-  clearTimeout(timer);
-  return code;
-}
-
-/**
- * Connects a client; retries while the daemon still tears down the previous frontend (it turns a second
- * frontend away until then).
- */
-async function connectClient(socket: string, opts: ClientOptions = {}): Promise<VhostUserBlkClient> {
-  const deadline = Date.now() + 5000;
-  for (;;) {
-    try {
-      return await VhostUserBlkClient.connect(socket, { requestTimeoutMs: 5000, ...opts });
-    } catch (err) {
-      if (Date.now() > deadline || !/closed the connection|ECONNRESET|EPIPE/.test((err as Error).message)) throw err;
-      await sleep(20);
-    }
-  }
-}
-
-/** Deterministic bytes: a different pattern for every seed. */
-function pattern(len: number, seed: number): Buffer {
-  const b = Buffer.alloc(len);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < len; i++) {
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
-
-/** Reads `len` bytes of the image file at `offset`, bypassing the daemon. */
-function readImage(path: string, offset: number, len: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const b = Buffer.alloc(len);
-    assert.equal(readSync(fd, b, 0, len, offset), len);
-    return b;
-  } finally {
-    closeSync(fd);
-  }
-}
+import { MiB, sleep, connectClient, pattern, readImage, startDaemon, stopDaemon, type Daemon } from './daemon-process.js';
 
 const SERIAL = 'fe-test-serial-01';
 const IMAGE_BYTES = 16 * MiB;

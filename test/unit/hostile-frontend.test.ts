@@ -18,6 +18,7 @@ import {
 } from '../../src/vhost-user/messages.js';
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtqueue/split.js';
 import { closeQuietly, eventfd, memfdCreate, ftruncate } from '../../src/os/libc.js';
+import { pattern } from '../image-data.js';
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const BIN = join(REPO, 'bin', 'vhost-blk');
@@ -158,17 +159,6 @@ function sendNeedReply(conn: VhostUserConnection, req: number, payload: Uint8Arr
   conn.sendRaw(encodeRequest(req, payload, true), fds);
 }
 
-function pattern(len: number, seed: number): Buffer {
-  const b = Buffer.alloc(len);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < len; i++) {
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 describe('hostile front-end against a live daemon', { timeout: 60_000 }, () => {
   let dir: string;
