@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { GuestAccess } from "./ring-memory.js";
 import type { GuestMemory } from "../../src/memory/guest-memory.js";
 import {
   VIRTQ_DESC_F_INDIRECT as INDIRECT,
@@ -28,7 +29,7 @@ export interface UsedElem {
 }
 
 /** Plays the guest driver of one split virtqueue. */
-export class GuestDriver {
+export class GuestDriver extends GuestAccess {
   availIdx: number;
   usedSeen: number;
   /** Free descriptor indices, lowest first. */
@@ -37,11 +38,12 @@ export class GuestDriver {
   private readonly chainDescs = new Map<number, number[]>();
 
   constructor(
-    readonly mem: GuestMemory,
+    mem: GuestMemory,
     readonly size: number,
     readonly addrs: RingAddresses,
     startIdx = 0,
   ) {
+    super(mem);
     this.availIdx = startIdx;
     this.usedSeen = startIdx;
     for (let i = 0; i < size; i++) this.freeDescs.push(i);
@@ -51,32 +53,9 @@ export class GuestDriver {
     this.w16(addrs.usedAddr + 2, startIdx);
   }
 
-  private view(gpa: number, len: number): DataView {
-    const s = this.mem.slice(gpa, len);
-    assert.ok(s, `test bug: guest range 0x${gpa.toString(16)}+${len} not in memory`);
-    return new DataView(s.buffer, s.byteOffset, s.byteLength);
-  }
-  w16(gpa: number, v: number): void {
-    this.view(gpa, 2).setUint16(0, v, true);
-  }
-  w32(gpa: number, v: number): void {
-    this.view(gpa, 4).setUint32(0, v, true);
-  }
-  r16(gpa: number): number {
-    return this.view(gpa, 2).getUint16(0, true);
-  }
-  r32(gpa: number): number {
-    return this.view(gpa, 4).getUint32(0, true);
-  }
-
   /** Writes entry i of a descriptor table at `table`. */
   setDesc(table: number, i: number, addr: number, len: number, flags: number, next = 0): void {
-    const v = this.view(table + 16 * i, 16);
-    v.setUint32(0, addr % 2 ** 32, true);
-    v.setUint32(4, Math.floor(addr / 2 ** 32), true);
-    v.setUint32(8, len, true);
-    v.setUint16(12, flags, true);
-    v.setUint16(14, next, true);
+    this.setDescWords(table, i, addr, len, flags, next);
   }
 
   /** Writes entry i of the queue's own descriptor table. */

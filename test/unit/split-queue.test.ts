@@ -1,18 +1,14 @@
 /**
  * Unit tests for the split virtqueue device logic, with a tiny in-test "driver" playing the guest.
  *
- * Guest memory layout used by most tests (guest address == offset in one backing ArrayBuffer):
- *   region A  [0x00000, 0x10000)   rings; descriptor table at its very end (0xff00) so index >= size would land in the hole
- *   hole      [0x10000, 0x20000)   NOT guest memory, but filled with valid-looking descriptors ("poison")
- *   region B  [0x20000, 0x30000)   data buffers, indirect tables
- *   tail      [0x30000, 0x40000)   poison again
- * An implementation that read past a region (through the shared backing buffer) would see well-formed
- * descriptors there and succeed where it must fail, so the bad-input tests also catch out-of-bounds reads.
+ * Guest memory: ring-memory.ts (two regions with poisoned holes); the descriptor table sits at the end of
+ * region A, so an index >= size would land in the hole.
  */
 
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { GuestMemory, type MappedRegion } from "../../src/memory/guest-memory.js";
+import { GuestAccess, HOLE, REGION_B, TAIL, makeRingMemory, poisonSum, type RingMemory } from "./ring-memory.js";
 import {
   DescriptorChain,
   POP_BAD_CHAIN,
@@ -28,94 +24,34 @@ import {
   type SplitQueueOptions,
 } from "../../src/virtqueue/split.js";
 
-const REGION_A = 0x00000;
-const HOLE = 0x10000;
-const REGION_B = 0x20000;
-const TAIL = 0x30000;
-const REGION_SIZE = 0x10000;
 const SIZE = 16;
 const ADDRS: RingAddresses = { descAddr: HOLE - 16 * SIZE, availAddr: 0x0400, usedAddr: 0x0800 };
 const ALL: SplitQueueOptions = { eventIdx: true, indirect: true };
 
-interface Setup {
-  backing: ArrayBuffer;
-  mem: GuestMemory;
-}
-
-/** Builds the two-region memory described above, with the hole and tail poisoned. */
-function makeMemory(): Setup {
-  const backing = new ArrayBuffer(0x40000);
-  const dv = new DataView(backing);
-  for (const start of [HOLE, TAIL]) {
-    for (let off = start; off < start + REGION_SIZE; off += 16) {
-      // A readable 16-byte buffer at 0x1000, no NEXT: a perfectly valid single-descriptor chain.
-      dv.setUint32(off, 0x1000, true);
-      dv.setUint32(off + 4, 0, true);
-      dv.setUint32(off + 8, 16, true);
-      dv.setUint16(off + 12, 0, true);
-      dv.setUint16(off + 14, 0, true);
-    }
-  }
-  const region = (guestAddr: number): MappedRegion => ({
-    guestAddr,
-    size: REGION_SIZE,
-    userAddr: 0x7f0000000000 + guestAddr,
-    mmapOffset: 0,
-    hostAddr: 0,
-    bytes: new Uint8Array(backing, guestAddr, REGION_SIZE),
-  });
-  return { backing, mem: new GuestMemory([region(REGION_A), region(REGION_B)]) };
-}
-
-/** Checksum of the poisoned areas: must not change, proving nothing was written outside guest memory. */
-function poisonSum(backing: ArrayBuffer): number {
-  const b = new Uint8Array(backing);
-  let s = 0;
-  for (let i = HOLE; i < HOLE + REGION_SIZE; i++) s = (s * 31 + b[i]) >>> 0;
-  for (let i = TAIL; i < TAIL + REGION_SIZE; i++) s = (s * 31 + b[i]) >>> 0;
-  return s;
+/** The ring memory, poisoned with valid-looking split descriptors (flags 0: no NEXT). */
+function makeMemory(): RingMemory {
+  return makeRingMemory(0);
 }
 
 /** Plays the guest driver: writes descriptors and avail entries, reads back the used ring. */
-class Driver {
+class Driver extends GuestAccess {
   availIdx: number;
   usedSeen: number;
   constructor(
-    readonly mem: GuestMemory,
+    mem: GuestMemory,
     readonly size: number,
     readonly addrs: RingAddresses,
     startIdx = 0,
   ) {
+    super(mem);
     this.availIdx = startIdx;
     this.usedSeen = startIdx;
     this.w16(addrs.availAddr + 2, startIdx);
     this.w16(addrs.usedAddr + 2, startIdx);
   }
-  private view(gpa: number, len: number): DataView {
-    const s = this.mem.slice(gpa, len);
-    assert.ok(s, `test bug: guest range ${gpa.toString(16)}+${len} not in memory`);
-    return new DataView(s.buffer, s.byteOffset, s.byteLength);
-  }
-  w16(gpa: number, v: number): void {
-    this.view(gpa, 2).setUint16(0, v, true);
-  }
-  w32(gpa: number, v: number): void {
-    this.view(gpa, 4).setUint32(0, v, true);
-  }
-  r16(gpa: number): number {
-    return this.view(gpa, 2).getUint16(0, true);
-  }
-  r32(gpa: number): number {
-    return this.view(gpa, 4).getUint32(0, true);
-  }
   /** Writes entry i of a descriptor table at `table`; `addrHi` sets the upper 32 address bits explicitly. */
   setDesc(table: number, i: number, addr: number, len: number, flags: number, next = 0, addrHi?: number): void {
-    const v = this.view(table + 16 * i, 16);
-    v.setUint32(0, addr % 2 ** 32, true);
-    v.setUint32(4, addrHi ?? Math.floor(addr / 2 ** 32), true);
-    v.setUint32(8, len, true);
-    v.setUint16(12, flags, true);
-    v.setUint16(14, next, true);
+    this.setDescWords(table, i, addr, len, flags, next, addrHi);
   }
   /** Writes entry i of the queue's own descriptor table. */
   desc(i: number, addr: number, len: number, flags: number, next = 0, addrHi?: number): void {
@@ -160,7 +96,7 @@ class Driver {
 }
 
 /** Fresh memory, driver and queue with the standard layout. */
-function setup(opts: SplitQueueOptions = ALL, startIdx = 0): Setup & { drv: Driver; q: SplitQueue } {
+function setup(opts: SplitQueueOptions = ALL, startIdx = 0): RingMemory & { drv: Driver; q: SplitQueue } {
   const s = makeMemory();
   const drv = new Driver(s.mem, SIZE, ADDRS, startIdx);
   const q = new SplitQueue(s.mem, SIZE, ADDRS, opts, startIdx);
