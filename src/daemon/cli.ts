@@ -388,7 +388,7 @@ async function serve(argv: string[]): Promise<number> {
       }
       stopping = true;
       log.info(`${sig}: no new requests; finishing in-flight ones`);
-      control.close().then(() => server.stop()).then(() => { log.info('stopped'); resolve(0); }, (err) => { log.error(`stop failed: ${err}`); resolve(1); });
+      control.close().then(() => { log.debug('stop: control socket closed'); return server.stop(); }).then(() => { log.info('stopped'); resolve(0); }, (err) => { log.error(`stop failed: ${err}`); resolve(1); });
     };
     if (earlySignal) handleSignal(earlySignal);
   });

@@ -235,6 +235,7 @@ function handleControl(msg: ToWorker): void {
         const r = runners[msg.queue];
         if (!r) return post({ op: 'reply', id: msg.id, error: `queue ${msg.queue} is not running` });
         r.stopId = msg.id;
+        log('debug', `${name}: queue ${msg.queue} stopping with ${r.proc.inFlight} request(s) in flight`);
         if (r.proc.inFlight === 0) finishStop(r);
         return; // replied by finishStop when in-flight requests are done
       }

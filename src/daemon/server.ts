@@ -67,8 +67,10 @@ export class Server {
     this.stopping = true;
     this.listener.close();
     await this.acceptLoop;
+    this.log.debug('stop: no longer accepting; closing the frontend connection');
     this.session?.close();
     await this.sessionDone;
+    this.log.debug('stop: frontend session ended; stopping the queue workers');
     await this.device.close();
   }
 }

@@ -189,6 +189,7 @@ export class VhostUserSession {
     } catch (err) {
       this.log.error(`${this.name}: connection dropped: ${(err as Error).message}`);
     } finally {
+      this.log.debug(`${this.name}: connection closed; stopping its rings`);
       await this.teardown();
     }
   }
@@ -387,6 +388,7 @@ export class VhostUserSession {
 
   private async stopRing(index: number, v: Vring): Promise<void> {
     if (!v.running) return;
+    this.log.debug(`${this.name}: stopping vring ${index}`);
     v.base = await this.device.stopRing(index);
     v.running = false;
     this.log.info(`${this.name}: vring ${index} stopped at avail index ${v.base}`);
