@@ -235,7 +235,7 @@ function handleControl(msg: ToWorker): void {
         const r = runners[msg.queue];
         if (!r) return post({ op: 'reply', id: msg.id, error: `queue ${msg.queue} is not running` });
         r.stopId = msg.id;
-        log('debug', `${name}: queue ${msg.queue} stopping with ${r.proc.inFlight} request(s) in flight`);
+        log('debug', `${name}: queue ${msg.queue} stopping with ${r.proc.inFlight} request(s) in flight, next avail ${r.queue.lastAvailIdx}, more available: ${r.queue.hasAvailable()}, ${ring.pendingCount} SQE(s) unsubmitted`);
         if (r.proc.inFlight === 0) finishStop(r);
         return; // replied by finishStop when in-flight requests are done
       }
