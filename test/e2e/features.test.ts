@@ -19,6 +19,7 @@ import { test, type TestContext } from 'node:test';
 
 import { pageCacheState, type PageCacheState } from '../page-cache.js';
 import {
+  guestMd5,
   createSparseImage,
   Guest,
   guestPattern,
@@ -63,12 +64,6 @@ async function diskStat(guest: Guest, disk: string): Promise<DiskStat> {
   const f = line.split(/\s+/).map(Number);
   if (f.length < 17 || f.some((n) => !Number.isFinite(n))) throw new Error(`cannot parse /sys/block/${disk}/stat: ${line}`);
   return { writeIos: f[4]!, writeSectors: f[6]!, discardIos: f[11]!, discardSectors: f[13]!, flushIos: f[15]! };
-}
-
-/** MD5 of `len` bytes of `dev` at `offset`, read in the guest with O_DIRECT (both whole MiBs). */
-async function guestMd5(guest: Guest, dev: string, offset: number, len: number): Promise<string> {
-  const out = await guest.check(`dd if=${dev} bs=1M skip=${offset / MiB} count=${len / MiB} iflag=direct 2>/dev/null | md5sum`);
-  return lastLine(out).split(/\s+/)[0]!;
 }
 
 /** Hex MD5, to compare with what busybox md5sum prints in the guest. */

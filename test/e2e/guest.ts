@@ -1299,6 +1299,14 @@ export async function runFioWorkloads(guest: Guest): Promise<void> {
   await runFioVerify(guest, { offset: 56 * MiB, size: 7 * MiB, bs: '512-128k', iodepth: 8, rw: 'randrw' });
 }
 
+/** MD5 of `len` bytes of `dev` at `offset` (both whole MiBs), read in the guest with O_DIRECT (not its cache). */
+export async function guestMd5(guest: Guest, dev: string, offset: number, len: number, timeoutMs?: number): Promise<string> {
+  const out = await guest.check(`dd if=${dev} bs=1M skip=${offset / MiB} count=${len / MiB} iflag=direct 2>/dev/null | md5sum`, timeoutMs);
+  const m = /\b([0-9a-f]{32})\b/.exec(out);
+  if (!m) throw new Error(`no md5 in ${JSON.stringify(out)}`);
+  return m[1]!;
+}
+
 // ---------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------

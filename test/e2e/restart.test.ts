@@ -9,20 +9,9 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
-import * as path from 'node:path';
 import { test } from 'node:test';
 
-import {
-  createSparseImage,
-  ensureGuestAssets,
-  Guest,
-  makeTempDir,
-  requireTools,
-  startVhostBlk,
-  step,
-  withDiagnostics,
-  type DaemonHandle,
-} from './guest.js';
+import { createSparseImage, guestMd5, runScenario, startVhostBlk, step, type DaemonHandle, type Guest } from './guest.js';
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;
@@ -115,14 +104,6 @@ async function waitForLog(daemon: DaemonHandle, re: RegExp, timeoutMs: number, f
   }
 }
 
-/** MD5 of `size` bytes at `offset` of the guest's disk, read after dropping the guest's caches. */
-async function guestMd5(guest: Guest, offset: number, size: number): Promise<string> {
-  const out = await guest.check(`sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=1048576 skip=${offset / MiB} count=${size / MiB} 2>/dev/null | md5sum`, 120_000);
-  const m = /\b([0-9a-f]{32})\b/.exec(out);
-  if (!m) throw new Error(`no md5 in ${JSON.stringify(out)}`);
-  return m[1]!;
-}
-
 async function hostMd5(image: string, offset: number, size: number): Promise<string> {
   const fh = await fsp.open(image, 'r');
   try {
@@ -141,26 +122,21 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
   // after a SIGKILL the guest's fio waits too). Seen in about 1 run in 5 here. Until it is fixed this test
   // runs and reports, but does not fail the suite.
   todo: 'known bug: requests stuck in flight after an inflight resubmission (see the comment above)',
-}, async (t) => {
-  requireTools(['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd']);
-  const assets = await step('build guest initramfs', () => ensureGuestAssets());
-  const tmp = await makeTempDir('vhost-blk-e2e-restart-');
-  let daemon: DaemonHandle | undefined;
-  let guest: Guest | undefined;
-  try {
-    const image = path.join(tmp.path, 'disk.img');
-    const socket = path.join(tmp.path, 'vhost-user-blk.sock');
+}, (t) =>
+  runScenario('restart', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (s) => {
+    const image = s.path('disk.img');
+    const socket = s.path('vhost-user-blk.sock');
     await createSparseImage(image, IMAGE_BYTES);
     // The same command line every time, as a service manager would restart it. The guest under TCG is
     // far slower than the daemon, which would hold its requests for microseconds only: a 3 ms delay on
     // every request keeps the ring's requests in the daemon's hands, so a kill finds them in flight.
     const args = ['--socket', socket, '--image', image, '--inject-faults', 'delay=3ms', '--log-level', 'debug'];
-    const start = () => startVhostBlk(args);
+    const start = () => s.track(startVhostBlk(args));
+    let daemon: DaemonHandle;
 
     daemon = await step('start vhost-blk', start);
-    guest = await step('boot', () => Guest.boot({ socket, assets, extraChardevArgs: ',reconnect=1' }));
-    const g = guest;
-    await step('daemon serves the ring', () => waitForLog(daemon!, /vring 0 started/, 10_000));
+    const g = await step('boot', () => s.boot({ socket, extraChardevArgs: ',reconnect=1' }));
+    await step('daemon serves the ring', () => waitForLog(daemon, /vring 0 started/, 10_000));
 
     // Phase 1: SIGKILL at random moments under load.
     await step('start the SIGKILL-phase load', () => startLoad(g, 'kill'));
@@ -176,7 +152,7 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
       await d.exited;
       // The socket file stays behind: the new daemon must replace it.
       daemon = await step(`restart after SIGKILL #${k}`, start);
-      const t1 = await step(`ring served again after SIGKILL #${k}`, () => waitForLog(daemon!, /vring 0 started/, 30_000));
+      const t1 = await step(`ring served again after SIGKILL #${k}`, () => waitForLog(daemon, /vring 0 started/, 30_000));
       const found = daemon.output.map((l) => /(\d+) requests left in flight to resubmit/.exec(l)).find((m) => m);
       const n = found ? Number(found[1]) : 0;
       resubmitted += n;
@@ -208,7 +184,7 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
     }
     daemon = await step('restart after SIGTERM', start);
     const tListen = Date.now();
-    const tServed = await step('ring served again after SIGTERM', () => waitForLog(daemon!, /vring 0 started/, 30_000));
+    const tServed = await step('ring served again after SIGTERM', () => waitForLog(daemon, /vring 0 started/, 30_000));
     await sleep(3000);
     const termLogs = await step('finish the SIGTERM-phase load', () => stopLoad(g, 'term'));
     const pauseMs = maxClatMs(termLogs);
@@ -224,16 +200,9 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
     // What the guest reads back (verified by fio just now) is what the image on the host holds.
     for (const phase of ['kill', 'term'] as const) {
       const r = REGIONS[phase];
-      const inGuest = await step(`md5 in the guest (${phase})`, () => guestMd5(g, r.offset, r.size));
+      const inGuest = await step(`md5 in the guest (${phase})`, () => guestMd5(g, '/dev/vda', r.offset, r.size, 120_000));
       assert.equal(await hostMd5(image, r.offset, r.size), inGuest, `${phase} region: host image matches what the guest reads`);
     }
     assert.equal(await step('power off', () => g.poweroff()), 0, 'QEMU exit code after poweroff');
-    assert.equal(await step('SIGTERM vhost-blk', () => daemon!.stop('SIGTERM', 15_000)), 0);
-  } catch (err) {
-    throw withDiagnostics(err, [guest, daemon]);
-  } finally {
-    await guest?.dispose();
-    await daemon?.stop('SIGKILL').catch(() => undefined);
-    await tmp.cleanup();
-  }
-});
+    assert.equal(await step('SIGTERM vhost-blk', () => daemon.stop('SIGTERM', 15_000)), 0);
+  }));
