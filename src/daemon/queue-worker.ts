@@ -402,7 +402,10 @@ function loop(): void {
     if (notified) {
       // The guest waits for this interrupt: hand it to the kernel now, and pick up what completed.
       ring.enter(0);
-      ring.reap(onCompletion);
+      // Requests this reap completes are in the used ring but their guest is not told yet: go round
+      // once more to notify it. Falling through to sleep here lost that interrupt for good (a guest
+      // with nothing else in flight waited forever on requests already completed).
+      if (ring.reap(onCompletion) > 0) progress = true;
     }
     if (progress) {
       didWork = true;

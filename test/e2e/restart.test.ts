@@ -117,12 +117,7 @@ async function hostMd5(image: string, offset: number, size: number): Promise<str
 
 test('restart under a verified write load: SIGKILL at random moments, then a clean SIGTERM restart', {
   timeout: 420_000,
-  // KNOWN BUG (issue 5 stays open): after a restart that resubmitted requests from the inflight region, a
-  // later SIGTERM can find requests in flight that never complete (the daemon waits for them forever, and
-  // after a SIGKILL the guest's fio waits too). Seen in about 1 run in 5 here. Until it is fixed this test
-  // runs and reports, but does not fail the suite.
-  todo: 'known bug: requests stuck in flight after an inflight resubmission (see the comment above)',
-}, (t) =>
+}, () =>
   runScenario('restart', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (s) => {
     const image = s.path('disk.img');
     const socket = s.path('vhost-user-blk.sock');
@@ -173,15 +168,7 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
     const t0 = Date.now();
     const code = await step('SIGTERM the daemon', () => d.stop('SIGTERM', 20_000));
     const tExit = Date.now();
-    if (code === null && d.output.some((l) => /stopping with [1-9]\d* request\(s\) in flight/.test(l))) {
-      // KNOWN BUG (issue 5 stays open): a daemon that resubmitted requests from the inflight region can,
-      // at a later SIGTERM, wait forever for requests that never complete (seen in ~1 run of 5 here).
-      // It was SIGKILLed above; the rest of the test still checks that the guest loses nothing.
-      t.todo('known bug: SIGTERM hung with requests in flight after an inflight resubmission; the daemon was SIGKILLed');
-      console.log(`# KNOWN BUG: SIGTERM hung with requests in flight; daemon output:\n${d.diagnostics(8)}`);
-    } else {
-      assert.equal(code, 0, `vhost-blk exit code after SIGTERM\n${d.diagnostics()}`);
-    }
+    assert.equal(code, 0, `vhost-blk exit code after SIGTERM\n${d.diagnostics()}`);
     daemon = await step('restart after SIGTERM', start);
     const tListen = Date.now();
     const tServed = await step('ring served again after SIGTERM', () => waitForLog(daemon, /vring 0 started/, 30_000));
