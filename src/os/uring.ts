@@ -14,6 +14,7 @@ export const IORING_OP_NOP = 0;
 export const IORING_OP_READV = 1;
 export const IORING_OP_WRITEV = 2;
 export const IORING_OP_FSYNC = 3;
+export const IORING_OP_TIMEOUT = 11;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
@@ -35,6 +36,8 @@ const EINTR = 4;
 const EAGAIN = 11;
 const EBUSY = 16;
 const TWO_32 = 2 ** 32;
+/** Submit attempts before prep() gives up on a full SQ instead of overwriting an unsubmitted SQE. */
+const MAKE_ROOM_ATTEMPTS = 1000;
 
 /** Called for each completion: `userData` as submitted, `res` is the result or -errno. */
 export type CompletionHandler = (userData: number, res: number) => void;
@@ -142,7 +145,7 @@ export class IoUring {
    * Queues one SQE. `addr`, `off` are numbers (exact up to 2^53). Submits the queue first when it is full.
    */
   prep(opcode: number, fd: number, addr: number, len: number, off: number, opFlags: number, userData: number): void {
-    if (this.sqSpace <= 0) this.submit();
+    if (this.sqSpace <= 0) this.makeRoom();
     const idx = this.localTail & this.sqMask;
     const w = idx * 16; // index in 32-bit words
     const s32 = this.sqes32;
@@ -166,6 +169,19 @@ export class IoUring {
     this.sqArray[idx] = idx;
     this.localTail = (this.localTail + 1) >>> 0;
     this.pending++;
+  }
+
+  /**
+   * Submits until an SQ slot is free. The kernel may take none of a batch for a moment (EAGAIN, EBUSY);
+   * writing on regardless would overwrite an SQE it has not read yet and lose that request, so retry, and
+   * throw rather than overwrite if it never takes any.
+   */
+  private makeRoom(): void {
+    for (let attempt = 0; attempt < MAKE_ROOM_ATTEMPTS; attempt++) {
+      this.enter(0, attempt > 0);
+      if (this.sqSpace > 0) return;
+    }
+    throw new Error(`io_uring submission queue full: the kernel took none of ${this.pending} queued SQEs in ${MAKE_ROOM_ATTEMPTS} tries`);
   }
 
   /** Number of SQEs queued but not yet handed to the kernel. */

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, openSync, readFileSync, rmSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { IoUring, IORING_OP_WRITEV, IORING_OP_READV, IORING_OP_FSYNC, IORING_OP_READ, IORING_FSYNC_DATASYNC } from '../../src/os/uring.js';
+import { IoUring, IORING_OP_NOP, IORING_OP_WRITEV, IORING_OP_READV, IORING_OP_FSYNC, IORING_OP_READ, IORING_FSYNC_DATASYNC } from '../../src/os/uring.js';
 import { allocNative, eventfd, eventfdSignal, closeFd } from '../../src/os/libc.js';
 
 function collect(ring: IoUring, want: number): Map<number, number> {
@@ -75,6 +75,26 @@ test('errors come back as negative errno results, not exceptions', () => {
   try {
     ring.prep(IORING_OP_READ, 987654, 0, 8, 0, 0, 5);
     assert.equal(collect(ring, 1).get(5), -9 /* EBADF */);
+  } finally {
+    ring.close();
+  }
+});
+
+test('queuing more SQEs than the SQ holds submits as it goes and loses none', () => {
+  const ring = new IoUring(4);
+  try {
+    const total = ring.sqEntries * 3 + 1;
+    // NOPs: each completes with 0; every user_data must come back exactly once.
+    for (let i = 0; i < total; i++) ring.prep(IORING_OP_NOP, -1, 0, 0, 0, 0, 1000 + i);
+    const seen = new Map<number, number>();
+    while (seen.size < total) {
+      ring.enter(1);
+      ring.reap((ud, res) => {
+        assert.equal(seen.has(ud), false, `user_data ${ud} completed twice`);
+        seen.set(ud, res);
+      });
+    }
+    for (let i = 0; i < total; i++) assert.equal(seen.get(1000 + i), 0, `NOP ${i} completed with 0`);
   } finally {
     ring.close();
   }
