@@ -13,6 +13,7 @@
  * The first matching rule applies. Example: `eio:read@1M-2M,delay=10ms:write`.
  */
 import { allocNative } from '../os/libc.js';
+import { IORING_OP_TIMEOUT } from '../os/uring.js';
 import type { BlockBackend, IoContext } from './types.js';
 
 /** What a rule does. */
@@ -106,7 +107,6 @@ export function describeFaults(rules: FaultRule[]): string {
 
 /** Added to a request tag for the timer of a delayed request: above request tags, below the worker's own. */
 export const DELAY_TAG_OFFSET = 2 ** 27;
-const IORING_OP_TIMEOUT = 11;
 const EIO = 5;
 const ENOSPC = 28;
 const ETIME = 62;
@@ -188,6 +188,11 @@ export class FaultInjectingBackend implements BlockBackend {
     // The I/O was done whole; the request layer is told half, and must finish the rest itself.
     this.ctx.completeInline(tag, Math.floor(res / 2));
     return true;
+  }
+
+  /** What the wrapper holds right now: requests waiting on a delay rule, by tag. */
+  describeHeld(): string {
+    return this.delayed.size === 0 ? 'none held by delay rules' : `held by delay rules: tags ${[...this.delayed.keys()].join(', ')}`;
   }
 
   private match(op: number, offset: number, len: number): FaultRule | undefined {

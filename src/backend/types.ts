@@ -37,6 +37,8 @@ export interface BlockBackend {
   writeZeroes(tag: number, offset: number, len: number, unmap: boolean): void;
   /** Sees each completion of a tag below 2^30 first; true when the backend took it over (fault injection). */
   interceptCompletion?(tag: number, res: number): boolean;
+  /** For diagnostics: requests the backend itself holds back (fault injection), in words. */
+  describeHeld?(): string;
 }
 
 /** A serializable description from which each worker builds its own backend instance. */

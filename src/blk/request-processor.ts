@@ -426,6 +426,18 @@ export class BlkRequestProcessor {
     this.inFlight--;
   }
 
+  /** For diagnostics: the requests in flight, one phrase each (slot, head, operation, tag). */
+  describeInFlight(): string {
+    const parts: string[] = [];
+    for (let slot = 0; slot < this.slotState.length; slot++) {
+      const state = this.slotState[slot];
+      if (state === SlotState.Free) continue;
+      const where = state === SlotState.Flushing ? '' : ` at byte ${this.slotOffset[slot]}, ${this.slotRemaining[slot]} bytes left`;
+      parts.push(`slot ${slot} (head ${this.slotHead[slot]}, ${STATE_NAMES[state]}${where}, tag ${this.tagBase + slot})`);
+    }
+    return parts.length === 0 ? 'none' : parts.join('; ');
+  }
+
   /** A short read or write: advance the iovecs past what was done and submit the rest. */
   private resubmitShort(slot: number, done: number): void {
     this.slotOffset[slot] += done;

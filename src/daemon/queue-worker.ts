@@ -14,7 +14,7 @@ import type { BlockBackend, IoContext } from '../backend/types.js';
 import { BlkRequestProcessor, type BlkSettings } from '../blk/request-processor.js';
 import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
 import { allocNative, munmap, view } from '../os/libc.js';
-import { IORING_OP_READ, IORING_OP_WRITE, IoUring } from '../os/uring.js';
+import { IORING_OP_READ, IORING_OP_TIMEOUT, IORING_OP_WRITE, IoUring } from '../os/uring.js';
 import { SplitQueue } from '../virtqueue/split.js';
 import { InflightQueue } from '../virtqueue/inflight.js';
 import { PackedQueue } from '../virtqueue/packed.js';
@@ -31,11 +31,16 @@ const KICK_GENS = 1024;
 const CALL_BASE = 2 ** 31;
 const CONTROL_TAG = 2 ** 32;
 const CANCEL_TAG = 2 ** 33;
+/** A stopping queue's watch timer: STOP_WATCH_BASE + queue. */
+const STOP_WATCH_BASE = 2 ** 34;
 const MAX_QUEUES = 1024;
+/** A stop still waiting for requests after this long names them in the log (and again each period). */
+const STOP_WATCH_SECONDS = 5;
 /** Views over guest memory are cut at this size: V8 caps a single ArrayBuffer view. */
 const VIEW_CHUNK = 2 ** 30;
-/** Scratch layout: [0] u64 one (call writes), [8] control read buffer, [64 + 8q] kick read buffers. */
-const SCRATCH_BYTES = 64 + MAX_QUEUES * 8;
+/** Scratch layout: [0] u64 one (call writes), [8] control read buffer, [64 + 8q] kick read buffers, then the stop watch timespec. */
+const STOP_WATCH_TIMESPEC = 64 + MAX_QUEUES * 8;
+const SCRATCH_BYTES = STOP_WATCH_TIMESPEC + 16;
 
 /** One virtqueue being served. */
 interface Runner {
@@ -62,6 +67,7 @@ const port = parentPort!;
 const ring = new IoUring(512);
 const scratch = allocNative(SCRATCH_BYTES);
 new BigUint64Array(scratch.buffer, 0, 1)[0] = 1n;
+new BigInt64Array(scratch.buffer, STOP_WATCH_TIMESPEC, 2).set([BigInt(STOP_WATCH_SECONDS), 0n]);
 const inline: number[] = [];
 const ctx: IoContext = { ring, completeInline: (tag, res) => { inline.push(tag, res); } };
 const baseBackend: BlockBackend = init.backend.kind === 'file'
@@ -196,6 +202,23 @@ function applyPendingMemory(): void {
   post({ op: 'reply', id });
 }
 
+/**
+ * A stop waits for in-flight requests, which a stuck device can hold forever: after STOP_WATCH_SECONDS
+ * the log names what it still waits for, so an operator sees which I/O hangs instead of a silent stop.
+ */
+function armStopWatch(r: Runner): void {
+  ring.prep(IORING_OP_TIMEOUT, -1, scratch.addr + STOP_WATCH_TIMESPEC, 1, 0, 0, STOP_WATCH_BASE + r.index);
+}
+
+function onStopWatch(q: number): void {
+  const r = runners[q];
+  if (!r || r.stopId === -1 || r.proc.inFlight === 0) return; // stopped, or started again since
+  const held = backend.describeHeld ? `; backend: ${backend.describeHeld()}` : '';
+  log('warn', `${name}: queue ${q} stop still waiting for ${r.proc.inFlight} request(s): ${r.proc.describeInFlight()}${held}; ` +
+    `${ring.pendingCount} SQE(s) unsubmitted`);
+  armStopWatch(r);
+}
+
 /** Finishes a stop once nothing is in flight: the guest has every completion before we answer. */
 function finishStop(r: Runner): void {
   flushNotifications(r, true);
@@ -237,6 +260,7 @@ function handleControl(msg: ToWorker): void {
         r.stopId = msg.id;
         log('debug', `${name}: queue ${msg.queue} stopping with ${r.proc.inFlight} request(s) in flight, next avail ${r.queue.lastAvailIdx}, more available: ${r.queue.hasAvailable()}, ${ring.pendingCount} SQE(s) unsubmitted`);
         if (r.proc.inFlight === 0) finishStop(r);
+        else armStopWatch(r);
         return; // replied by finishStop when in-flight requests are done
       }
       case 'call-fd': {
@@ -257,7 +281,11 @@ function handleControl(msg: ToWorker): void {
         break;
       case 'exit':
         exitId = msg.id;
-        for (const r of runners) if (r && r.stopId < 0) r.stopId = -2;
+        for (const r of runners) {
+          if (!r || r.stopId >= 0) continue;
+          r.stopId = -2;
+          if (r.proc.inFlight > 0) armStopWatch(r);
+        }
         return;
     }
     post({ op: 'reply', id: msg.id });
@@ -303,6 +331,10 @@ function onCompletion(tag: number, res: number): void {
   }
   if (tag >= CALL_BASE && tag < CONTROL_TAG) {
     if (res < 0) log('warn', `${name}: queue ${tag - CALL_BASE}: signalling the call eventfd failed: errno ${-res}`);
+    return;
+  }
+  if (tag >= STOP_WATCH_BASE && tag < STOP_WATCH_BASE + MAX_QUEUES) {
+    onStopWatch(tag - STOP_WATCH_BASE);
     return;
   }
   if (tag === CONTROL_TAG) {

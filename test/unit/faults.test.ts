@@ -214,3 +214,34 @@ describe('who may connect: the socket file', { timeout: 30_000 }, () => {
     }
   });
 });
+
+describe('a stop that waits on a held request', { timeout: 30_000 }, () => {
+  test('names the request in the log every 5 s until it completes; the request still completes whole', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vblk-stopwatch-'));
+    const image = join(dir, 'disk.raw');
+    const data = pattern(4096, 9);
+    writeFileSync(image, Buffer.concat([Buffer.alloc(MiB), data, Buffer.alloc(3 * MiB - 4096)]));
+    const daemon = await startDaemon(dir, ['--image', image, '--inject-faults', 'delay=6s:read@1M-2M']);
+    const client = await connectClient(daemon.socket, { requestTimeoutMs: 20_000, replyTimeoutMs: 20_000 });
+    try {
+      const read = client.read(sectorOf(MiB), 4096);
+      await sleep(200);
+      const t0 = performance.now();
+      const stopped = client.stopQueue(0);
+      // The stop must wait for the read (the guest gets every completion before GET_VRING_BASE answers),
+      // and while it waits the log says which request holds it and where.
+      for (const deadline = Date.now() + 8000; !/stop still waiting/.test(daemon.log.join('')); await sleep(50)) {
+        if (Date.now() > deadline) assert.fail(`no stop-watch line within 8 s; log:\n${daemon.log.join('')}`);
+      }
+      assert.match(daemon.log.join(''),
+        /queue 0 stop still waiting for 1 request\(s\): slot \d+ \(head \d+, read at byte 1048576, 4096 bytes left, tag \d+\); backend: held by delay rules: tags \d+; 0 SQE\(s\) unsubmitted/);
+      assert.deepEqual(await read, data, 'the held read completed with the image data');
+      await stopped;
+      assert.ok(performance.now() - t0 >= 5000, 'the stop waited for the held read');
+    } finally {
+      await client.close();
+      assert.equal(await stopDaemon(daemon), 0, `daemon exit code (log:\n${daemon.log.join('')})`);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
