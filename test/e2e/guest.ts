@@ -708,7 +708,12 @@ export class Guest {
       '-m', `${mem}M`,
       '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
       '-numa', 'node,memdev=mem',
-      '-smp', String(cpus),
+      // maxcpus of at least 2 even for one vCPU: QEMU before 8.1 drops the guest's memory barriers when
+      // a TCG machine can only ever have one vCPU (no CF_PARALLEL; fixed upstream by "tcg: Do not elide
+      // memory barriers for !CF_PARALLEL in system mode"). Without them the guest's store of used_event
+      // can pass its load of used.idx, and a device in another process (us) could lose an interrupt that
+      // no real machine loses: a flaky hang that would look like ours. A spare CPU slot costs nothing.
+      '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, 2)}`,
       '-kernel', assets.kernel,
       '-initrd', assets.initramfs,
       '-append', append,
