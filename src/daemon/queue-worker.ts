@@ -16,8 +16,9 @@ import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
 import { allocNative, munmap, view } from '../os/libc.js';
 import { IORING_OP_READ, IORING_OP_TIMEOUT, IORING_OP_WRITE, IoUring } from '../os/uring.js';
 import { SplitQueue } from '../virtqueue/split.js';
-import { InflightQueue } from '../virtqueue/inflight.js';
-import { PackedQueue } from '../virtqueue/packed.js';
+import { InflightQueue, type InflightRecovery } from '../virtqueue/inflight.js';
+import { PackedQueue, decodePackedBase, type PackedRingState } from '../virtqueue/packed.js';
+import { PackedInflightQueue, type PackedInflightRecovery } from '../virtqueue/packed-inflight.js';
 import type { VirtQueue } from '../virtqueue/queue.js';
 import { MAX_RANGE_SECTORS } from '../blk/device.js';
 import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
@@ -166,7 +167,7 @@ function startQueue(p: StartQueue): void {
 function buildQueue(p: StartQueue, gpas: Runner['gpas'], base: number, iovMem: { addr: number; buffer: ArrayBuffer }): { queue: VirtQueue; proc: BlkRequestProcessor } {
   const opts = { eventIdx: p.eventIdx, indirect: p.indirect };
   const queue = p.packed ? new PackedQueue(memory, p.size, gpas, opts, base) : new SplitQueue(memory, p.size, gpas, opts, base);
-  if (p.inflight && queue instanceof SplitQueue) trackInflight(queue, p, base);
+  if (p.inflight) trackInflight(queue, p, base);
   const proc = new BlkRequestProcessor(queue, memory, backend, settings, iovMem.buffer, iovMem.addr, p.queue * 65536, log, `queue ${p.queue}`);
   return { queue, proc };
 }
@@ -176,12 +177,27 @@ function buildQueue(p: StartQueue, gpas: Runner['gpas'], base: number, iovMem: {
  * backend left there. Also run when a new memory table rebuilds the queue: nothing is in flight then, and
  * requests still waiting to be resubmitted are found again in the region.
  */
-function trackInflight(queue: SplitQueue, p: StartQueue, base: number): void {
+function trackInflight(queue: SplitQueue | PackedQueue, p: StartQueue, base: number): void {
   const area = p.inflight!;
-  const r = queue.trackInflight(new InflightQueue(new Uint8Array(view(area.hostAddr, area.bytes)), p.size, area.queueSize));
-  const what = !r.recovered ? 'initialized' : `resumes at avail index ${r.lastAvailIdx} (vring base ${base})` +
+  const region = new Uint8Array(view(area.hostAddr, area.bytes));
+  let r: InflightRecovery | PackedInflightRecovery;
+  let where: string;
+  if (queue instanceof SplitQueue) {
+    r = queue.trackInflight(new InflightQueue(region, p.size, area.queueSize));
+    where = `avail index ${r.lastAvailIdx} (vring base ${base})`;
+  } else {
+    r = queue.trackInflight(new PackedInflightQueue(region, p.size, area.queueSize));
+    // After a crash the vring base is what QEMU last knew: only the region has the ring's position.
+    where = `${packedPosition(r.state)} (vring base 0x${base.toString(16)}: ${packedPosition(decodePackedBase(base))})`;
+  }
+  const what = !r.recovered ? 'initialized' : `resumes at ${where}` +
     `, ${r.resubmit.length} requests left in flight to resubmit, ${r.settledCompletions} completion(s) settled`;
   log(r.resubmit.length > 0 || r.settledCompletions > 0 ? 'info' : 'debug', `${name}: queue ${p.queue}: inflight region ${what}`);
+}
+
+/** A packed ring's position for the log: slots and wrap counters. */
+function packedPosition(s: PackedRingState): string {
+  return `avail ${s.availIdx} wrap ${+s.availWrap}, used ${s.usedIdx} wrap ${+s.usedWrap}`;
 }
 
 /** Switches to a new memory table once nothing in flight points into the old one. */

@@ -26,7 +26,7 @@ import {
 export interface InflightArea {
   /** Address of the queue's region here. */
   hostAddr: number;
-  /** Its length in bytes (inflightQueueBytes(queueSize)). */
+  /** Its length in bytes (inflightQueueBytes(queueSize, packed): the layout follows the ring type). */
   bytes: number;
   /** The queue size the frontend described the region with (desc_num). */
   queueSize: number;
@@ -52,7 +52,7 @@ export interface RingStart {
    * bits 0-14, its wrap counter in bit 15, the used index in bits 16-30 and its wrap counter in bit 31.
    */
   packed: boolean;
-  /** Where the ring records requests in flight (split rings, INFLIGHT_SHMFD set up), or null/absent: untracked. */
+  /** Where the ring records requests in flight (INFLIGHT_SHMFD set up; split or packed layout as `packed` says), or null/absent: untracked. */
   inflight?: InflightArea | null;
 }
 
@@ -138,7 +138,7 @@ export class VhostUserSession {
   private readonly handlers: Map<number, Entry>;
   private closed = false;
   /** The inflight region from SET_INFLIGHT_FD, mapped here, and the queue shape it was described with. */
-  private inflight: { mapping: RegionMapping; numQueues: number; queueSize: number } | null = null;
+  private inflight: { mapping: RegionMapping; mmapSize: number; numQueues: number; queueSize: number } | null = null;
   /** Our end of the backend request channel the frontend gave with SET_BACKEND_REQ_FD, or null. */
   private backendChannel: UnixConnection | null = null;
   /** Backend requests go out one at a time: the next waits for the previous one's reply. */
@@ -560,14 +560,16 @@ export class VhostUserSession {
   /**
    * GET_INFLIGHT_FD: a new zero-filled memfd sized for the queues the frontend describes. The frontend
    * keeps it and hands it back with SET_INFLIGHT_FD, to this process or to the next one after a restart.
-   * Only split rings are tracked: with packed rings (or a request that does not fit) the reply says size 0.
+   * Queue regions are QueueRegionPacked when VIRTIO_F_RING_PACKED was negotiated (QEMU sends
+   * SET_FEATURES before this, for that reason), else QueueRegionSplit. A request that does not fit gets
+   * size 0 in the reply.
    */
   private getInflightFd(m: Message): HandlerResult {
     const d = decodeInflight(m.payload, R.GET_INFLIGHT_FD);
     if (!this.negotiated(ProtocolFeature.INFLIGHT_SHMFD)) throw new Refusal('VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated');
-    if (this.packedRings) throw new Refusal('inflight tracking covers split rings only, and VIRTIO_F_RING_PACKED was negotiated');
     this.checkInflightShape(d.numQueues, d.queueSize);
-    const size = inflightRegionBytes(d.numQueues, d.queueSize);
+    const packed = this.packedRings;
+    const size = inflightRegionBytes(d.numQueues, d.queueSize, packed);
     const fd = memfdCreate('vhost-blk-inflight');
     try {
       ftruncate(fd, size);
@@ -575,7 +577,7 @@ export class VhostUserSession {
       closeQuietly(fd);
       throw err;
     }
-    this.log.info(`${this.name}: inflight region of ${size} bytes created for ${d.numQueues} queues of ${d.queueSize}`);
+    this.log.info(`${this.name}: inflight region of ${size} bytes created for ${d.numQueues} ${packed ? 'packed' : 'split'} queues of ${d.queueSize}`);
     return { reply: encodeReplyInflight({ mmapSize: size, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize }), fds: [fd] };
   }
 
@@ -594,7 +596,7 @@ export class VhostUserSession {
     const running = this.vrings.findIndex((v) => v.running);
     if (running >= 0) throw new Refusal(`vring ${running} is running; the inflight region can only change while every ring is stopped`);
     this.checkInflightShape(d.numQueues, d.queueSize);
-    const need = inflightRegionBytes(d.numQueues, d.queueSize);
+    const need = inflightRegionBytes(d.numQueues, d.queueSize, this.packedRings);
     if (d.mmapSize < need) throw new Refusal(`inflight region of ${d.mmapSize} bytes, ${d.numQueues} queues of ${d.queueSize} need ${need}`);
     // The per-queue views are typed arrays over u64/u32/u16 fields.
     if (d.mmapOffset % 8 !== 0) throw new Refusal(`inflight region offset ${d.mmapOffset} is not 8-byte aligned`);
@@ -607,19 +609,21 @@ export class VhostUserSession {
       throw new Refusal(`mapping the inflight region failed: ${(err as Error).message}`);
     }
     this.dropInflight();
-    this.inflight = { mapping, numQueues: d.numQueues, queueSize: d.queueSize };
+    this.inflight = { mapping, mmapSize: d.mmapSize, numQueues: d.numQueues, queueSize: d.queueSize };
     this.log.info(`${this.name}: inflight region set: ${d.mmapSize} bytes for ${d.numQueues} queues of ${d.queueSize}`);
   }
 
-  /** Queue `index`'s part of the inflight region, or null when this ring is not tracked. */
+  /** Queue `index`'s part of the inflight region, laid out for the negotiated ring type, or null when this ring is not tracked. */
   private inflightArea(index: number, v: Vring): InflightArea | null {
     const f = this.inflight;
-    if (!f || this.packedRings) return null;
-    if (index >= f.numQueues || v.size > f.queueSize) {
-      this.log.warn(`${this.name}: vring ${index} (size ${v.size}) is outside the inflight region (${f.numQueues} queues of ${f.queueSize}); its requests are not tracked`);
+    if (!f) return null;
+    const bytes = inflightQueueBytes(f.queueSize, this.packedRings);
+    // The size was checked at SET_INFLIGHT_FD for the ring type then; features may have changed since.
+    if (index >= f.numQueues || v.size > f.queueSize || (index + 1) * bytes > f.mmapSize) {
+      this.log.warn(`${this.name}: vring ${index} (size ${v.size}) is outside the inflight region (${f.numQueues} queues of ${f.queueSize}, ` +
+        `${f.mmapSize} bytes); its requests are not tracked`);
       return null;
     }
-    const bytes = inflightQueueBytes(f.queueSize);
     return { hostAddr: f.mapping.hostAddr + index * bytes, bytes, queueSize: f.queueSize };
   }
 

@@ -17,9 +17,13 @@
  * read with Atomics.load (acquire) before anything else of the chain; a used descriptor's id and len are
  * written first and its flags last with Atomics.store (release, a full fence on x86, which shouldNotify
  * and enableNotifications rely on before reading the driver's event suppression area).
+ *
+ * With inflight tracking (packed-inflight.ts) every chain taken is recorded before popChain returns it,
+ * and every used descriptor is bracketed by the tracker's updates, one at a time.
  */
 
 import type { GuestMemory } from "../memory/guest-memory.js";
+import type { PackedInflightQueue, PackedInflightRecovery, RecoveredChain } from "./packed-inflight.js";
 import {
   DescriptorChain, HOST_IS_LITTLE_ENDIAN, MAX_INDIRECT_ENTRIES, MAX_QUEUE_SIZE, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN,
   VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, hex, locateRingPart, type QueueOptions, type RingAddresses, type VirtQueue,
@@ -105,6 +109,14 @@ export class PackedQueue implements VirtQueue {
   private usedSinceSignal = 0;
   /** False until the first notification decision: the first one after (re)connect is always sent in DESC mode. */
   private signalledValid = false;
+  /** Ring slots taken by the chains in flight (the sum of slotsOf): never more than the ring holds. */
+  private outstanding = 0;
+
+  /** Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), or null when the frontend did not set it up. */
+  private inflight: PackedInflightQueue | null = null;
+  /** Chains a previous backend took and never completed, oldest first: popChain hands them out before new ones. */
+  private resubmit: RecoveredChain[] = [];
+  private resubmitPos = 0;
 
   /** Throws RangeError with a clear message if size or base is invalid, or any ring part is misaligned or not wholly inside ONE guest memory region. */
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, opts: QueueOptions, base: number) {
@@ -172,12 +184,14 @@ export class PackedQueue implements VirtQueue {
   /** True if the driver has made buffers available that we have not consumed yet (false once broken). */
   hasAvailable(): boolean {
     if (this.broken) return false;
+    if (this.resubmitPos < this.resubmit.length) return true;
     return PackedQueue.isAvailable(Atomics.load(this.desc16, 8 * this.availPos + 7), this.availWrap);
   }
 
   /** Takes the next available chain into `chain`: >= 0 buffer id on success, else POP_EMPTY / POP_BAD_CHAIN / POP_RING_BROKEN. */
   popChain(chain: DescriptorChain): number {
     if (this.broken) return POP_RING_BROKEN;
+    if (this.resubmitPos < this.resubmit.length) return this.popResubmitted(chain);
     const size = this.size;
     const start = this.availPos;
     let pos = start;
@@ -198,7 +212,10 @@ export class PackedQueue implements VirtQueue {
       }
       taken++;
       // After a malformed descriptor the walk goes on, only to find where the chain ends and its buffer id.
-      if (err === null) err = this.take(chain, pos, flags);
+      if (err === null) {
+        const w = 4 * pos;
+        err = this.take(chain, this.desc32[w] + this.desc32[w + 1] * TWO_32, this.desc32[w + 2], flags, pos);
+      }
       id = word & 0xffff;
       pos++;
       if (pos === size) {
@@ -210,10 +227,16 @@ export class PackedQueue implements VirtQueue {
     }
     if (id >= size) return this.breakRing(`chain at ring slot ${start} has buffer id ${id}, not below queue size ${size}`);
     if (this.slotsOf[id] !== 0) return this.breakRing(`chain at ring slot ${start} has buffer id ${id}, which is already in flight`);
+    // The driver reuses slots only once they come back used: more in flight means it overwrote a chain we hold.
+    if (this.outstanding + taken > size) {
+      return this.breakRing(`chain at ring slot ${start} takes ${taken} slots while ${this.outstanding} are in flight, more than the queue size ${size}`);
+    }
     // Consumed even when malformed: the caller returns it (len 0) so the driver gets its buffer id back.
     this.availPos = pos;
     this.availWrap = wrap;
     this.slotsOf[id] = taken;
+    this.outstanding += taken;
+    if (this.inflight !== null) this.inflight.started(id, this.desc32, start, taken);
     chain.head = id;
     if (err !== null) {
       chain.count = 0;
@@ -223,6 +246,51 @@ export class PackedQueue implements VirtQueue {
     return id;
   }
 
+  /** The next chain a previous backend left in flight, from the descriptors the inflight region kept of it. */
+  private popResubmitted(chain: DescriptorChain): number {
+    const c = this.resubmit[this.resubmitPos++];
+    chain.head = c.id;
+    chain.count = 0;
+    for (let k = 0; k < c.slots; k++) {
+      const err = this.take(chain, c.addr[k], c.len[k], c.flags[k], k);
+      if (err !== null) {
+        chain.count = 0;
+        this.lastError = `resubmitted buffer ${c.id}: ${err}`;
+        return POP_BAD_CHAIN;
+      }
+    }
+    return c.id;
+  }
+
+  /**
+   * Turns on inflight tracking with this queue's part of the frontend's inflight region, before the first
+   * pop. When a previous backend left state there, the queue resumes at the region's used position and
+   * wrap counter, and reads next after the chains it left in flight, which popChain hands out first: the
+   * SET_VRING_BASE state is stale then (after a crash QEMU cannot read a packed ring's position from guest
+   * memory, and sends what it last knew). Throws RangeError on a region it cannot trust.
+   */
+  trackInflight(tracker: PackedInflightQueue): PackedInflightRecovery {
+    if (tracker.ringSize !== this.size) throw new RangeError(`inflight tracker is for ${tracker.ringSize} descriptors, the ring has ${this.size}`);
+    const here = { availIdx: this.availPos, availWrap: this.availWrap === 1, usedIdx: this.usedPos, usedWrap: this.usedWrap === 1 };
+    const r = tracker.recover(here, (slot) => Atomics.load(this.desc16, 8 * slot + 7));
+    if (r.recovered) {
+      this.availPos = r.state.availIdx;
+      this.availWrap = r.state.availWrap ? 1 : 0;
+      this.usedPos = r.state.usedIdx;
+      this.usedWrap = r.state.usedWrap ? 1 : 0;
+      this.slotsOf.fill(0);
+      this.outstanding = 0;
+      for (const c of r.resubmit) {
+        this.slotsOf[c.id] = c.slots;
+        this.outstanding += c.slots;
+      }
+      this.resubmit = r.resubmit;
+      this.resubmitPos = 0;
+    }
+    this.inflight = tracker;
+    return r;
+  }
+
   /** Marks the ring unusable: the guest broke an invariant we cannot recover from without a reset. */
   private breakRing(reason: string): number {
     this.broken = true;
@@ -230,11 +298,11 @@ export class PackedQueue implements VirtQueue {
     return POP_RING_BROKEN;
   }
 
-  /** Adds ring descriptor `slot` (a buffer, or an indirect table's buffers) to `chain`; returns null or why it is malformed. */
-  private take(chain: DescriptorChain, slot: number, flags: number): string | null {
-    const w = 4 * slot;
-    const addr = this.desc32[w] + this.desc32[w + 1] * TWO_32;
-    const len = this.desc32[w + 2];
+  /**
+   * Adds one descriptor (a buffer, or an indirect table's buffers) to `chain`; returns null or why it is
+   * malformed. `slot` names it in messages: its ring slot, or its place in a resubmitted chain.
+   */
+  private take(chain: DescriptorChain, addr: number, len: number, flags: number, slot: number): string | null {
     if ((flags & VIRTQ_DESC_F_INDIRECT) === 0) return this.addBuffer(chain, addr, len, (flags & VIRTQ_DESC_F_WRITE) !== 0, slot, false);
     if (!this.indirect) return `descriptor ${slot} has INDIRECT but indirect descriptors were not negotiated`;
     if ((flags & VIRTQ_DESC_F_NEXT) !== 0) return `descriptor ${slot} has both INDIRECT and NEXT`;
@@ -279,19 +347,27 @@ export class PackedQueue implements VirtQueue {
     const slots = id >= 0 && id < this.size ? this.slotsOf[id] : 0;
     if (slots === 0) throw new RangeError(`pushUsed: buffer id ${id} is not in flight`);
     const pos = this.usedPos;
+    const wrap = this.usedWrap;
+    let next = pos + slots;
+    let nextWrap = wrap;
+    if (next >= this.size) {
+      next -= this.size;
+      nextWrap ^= 1;
+    }
+    // Inflight tracking brackets the used descriptor (see packed-inflight.ts for why in this order).
+    const inflight = this.inflight;
+    if (inflight !== null) inflight.beforeUsed(id, next, nextWrap);
     this.desc32[4 * pos + 2] = writtenLen >>> 0;
     this.desc16[8 * pos + 6] = id;
     // WRITE tells the driver the length is meaningful (2.8.4); AVAIL = USED = our wrap counter marks it used.
-    const flags = (this.usedWrap === 1 ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0) | (writtenLen > 0 ? VIRTQ_DESC_F_WRITE : 0);
+    const flags = (wrap === 1 ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0) | (writtenLen > 0 ? VIRTQ_DESC_F_WRITE : 0);
     // Release: id and len above must be visible before the driver can see the flags.
     Atomics.store(this.desc16, 8 * pos + 7, flags);
+    if (inflight !== null) inflight.afterUsed(id);
     this.slotsOf[id] = 0;
-    let next = pos + slots;
-    if (next >= this.size) {
-      next -= this.size;
-      this.usedWrap ^= 1;
-    }
+    this.outstanding -= slots;
     this.usedPos = next;
+    this.usedWrap = nextWrap;
     this.usedSinceSignal += slots;
   }
 

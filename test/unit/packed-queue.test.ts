@@ -18,7 +18,7 @@ import {
 } from "../../src/virtqueue/queue.js";
 import {
   PackedQueue, RING_EVENT_FLAGS_DESC as DESC, RING_EVENT_FLAGS_DISABLE as DISABLE, RING_EVENT_FLAGS_ENABLE as ENABLE,
-  VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_USED as USED, decodePackedBase, encodePackedBase, type PackedRingState,
+  VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_USED as USED, decodePackedBase, encodePackedBase,
 } from "../../src/virtqueue/packed.js";
 import { VhostUserSession, type PlaneRegion, type RingStart, type VhostUserDevice } from "../../src/vhost-user/backend.js";
 import { UnixListener } from "../../src/os/unix-socket.js";
@@ -28,170 +28,18 @@ import {
   FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, encodeMemTable, encodeU64, encodeVringAddr, encodeVringState,
 } from "../../src/vhost-user/messages.js";
 import { closeQuietly, eventfd, ftruncate, memfdCreate } from "../../src/os/libc.js";
-import { GuestAccess, HOLE, REGION_B, TAIL, makeRingMemory, poisonSum, type RingMemory } from "./ring-memory.js";
+import { HOLE, REGION_B, TAIL, makeRingMemory, poisonSum, type RingMemory } from "./ring-memory.js";
+import { FRESH, PackedDriver, type GuestBuf, type RawDesc } from "./packed-driver.js";
 
 const SIZE = 16;
 const ADDRS: RingAddresses = { descAddr: HOLE - 16 * SIZE, availAddr: 0x0400, usedAddr: 0x0800 };
 const ALL: QueueOptions = { eventIdx: true, indirect: true };
-/** What QEMU sends for a packed ring after a device reset: slot 0, both wrap counters 1. */
-const FRESH = 0x80008000;
 /** Default indirect table address. */
 const T = REGION_B + 0x8000;
 
 /** The ring memory, poisoned with descriptors that look available (AVAIL set, in a lap with wrap counter 1). */
 function makeMemory(): RingMemory {
   return makeRingMemory(AVAIL);
-}
-
-/** One buffer of a chain as the guest describes it. */
-interface GuestBuf {
-  addr: number;
-  len: number;
-  /** Device-writable (default: device-readable). */
-  write?: boolean;
-}
-
-/** A descriptor exactly as written to the ring (the driver adds the AVAIL/USED bits of its slot). */
-interface RawDesc {
-  addr: number;
-  len: number;
-  flags: number;
-  /** Upper 32 address bits written as given (to build addresses beyond 2^53). */
-  addrHi?: number;
-}
-
-/** One used descriptor as the driver reads it. */
-interface UsedElem {
-  id: number;
-  len: number;
-}
-
-/** Plays the guest driver of one packed virtqueue, as Linux's virtio_ring.c does. */
-class PackedDriver extends GuestAccess {
-  /** Slot the next chain starts at, and the wrap counter of that lap. */
-  nextAvail: number;
-  availWrap: number;
-  /** Slot of the next used descriptor to read, and the wrap counter it will carry. */
-  lastUsed: number;
-  usedWrap: number;
-  /** Ring slots of each published buffer id, freed when the id comes back used. */
-  private readonly slotsOf = new Map<number, number>();
-  private readonly freeIds: number[] = [];
-
-  constructor(mem: GuestMemory, readonly size: number, readonly addrs: RingAddresses, state: PackedRingState = decodePackedBase(FRESH)) {
-    super(mem);
-    this.nextAvail = state.availIdx;
-    this.availWrap = state.availWrap ? 1 : 0;
-    this.lastUsed = state.usedIdx;
-    this.usedWrap = state.usedWrap ? 1 : 0;
-    for (let i = 0; i < size; i++) this.freeIds.push(i);
-  }
-
-  /** Writes a 16-byte descriptor at `table` entry i (the ring or an indirect table). */
-  setDesc(table: number, i: number, d: RawDesc, id: number): void {
-    this.setDescWords(table, i, d.addr, d.len, id, d.flags, d.addrHi);
-  }
-
-  /** Flags of ring slot i. */
-  flagsAt(i: number): number {
-    return this.r16(this.addrs.descAddr + 16 * i + 14);
-  }
-
-  /**
-   * Publishes `descs` in consecutive slots as one chain with buffer id `id` (in every descriptor, as
-   * Linux does): each slot gets the AVAIL/USED bits of its lap, and the first slot's flags go last.
-   */
-  publishRaw(descs: RawDesc[], id: number): void {
-    let outstanding = descs.length;
-    for (const n of this.slotsOf.values()) outstanding += n;
-    assert.ok(outstanding <= this.size, "test bug: the driver would overwrite slots it has not taken back yet");
-    const head = this.nextAvail;
-    let headFlags = 0;
-    descs.forEach((d, k) => {
-      const bits = this.availWrap ? AVAIL : USED;
-      const flags = d.flags | bits;
-      this.setDesc(this.addrs.descAddr, this.nextAvail, { ...d, flags: k === 0 ? 0 : flags }, id);
-      if (k === 0) headFlags = flags;
-      if (++this.nextAvail === this.size) {
-        this.nextAvail = 0;
-        this.availWrap ^= 1;
-      }
-    });
-    this.w16(this.addrs.descAddr + 16 * head + 14, headFlags);
-    this.slotsOf.set(id, descs.length);
-    const free = this.freeIds.indexOf(id);
-    if (free >= 0) this.freeIds.splice(free, 1);
-  }
-
-  /** Takes a free buffer id (lowest first). */
-  takeId(): number {
-    assert.ok(this.freeIds.length > 0, "test bug: no free buffer id");
-    return this.freeIds.shift()!;
-  }
-
-  /** Writes `bufs` as a chain of direct descriptors, publishes it and returns its buffer id. */
-  submit(bufs: GuestBuf[]): number {
-    const id = this.takeId();
-    this.publishRaw(bufs.map((b, k) => ({ addr: b.addr, len: b.len, flags: (b.write ? WRITE : 0) | (k < bufs.length - 1 ? NEXT : 0) })), id);
-    return id;
-  }
-
-  /** Writes `bufs` into an indirect table at `table` (flags WRITE or 0, as Linux), publishes one INDIRECT descriptor and returns its id. */
-  submitIndirect(table: number, bufs: GuestBuf[], ringFlags = 0): number {
-    bufs.forEach((b, k) => this.setDesc(table, k, { addr: b.addr, len: b.len, flags: b.write ? WRITE : 0 }, 0));
-    const id = this.takeId();
-    this.publishRaw([{ addr: table, len: 16 * bufs.length, flags: INDIRECT | ringFlags }], id);
-    return id;
-  }
-
-  /** Used descriptors published since the last call, in ring order; their ids become free again. */
-  takeUsed(): UsedElem[] {
-    const out: UsedElem[] = [];
-    // Only while buffers are out: a test ring may start in a lap with wrap counter 0 over zeroed slots,
-    // which look used (AVAIL = USED = 0) though the device never wrote them.
-    while (this.slotsOf.size > 0) {
-      const slot = this.addrs.descAddr + 16 * this.lastUsed;
-      const flags = this.r16(slot + 14);
-      const avail = (flags & AVAIL) !== 0 ? 1 : 0;
-      const used = (flags & USED) !== 0 ? 1 : 0;
-      if (avail !== used || used !== this.usedWrap) return out;
-      const id = this.r16(slot + 12);
-      out.push({ id, len: this.r32(slot + 8) });
-      const n = this.slotsOf.get(id);
-      assert.ok(n !== undefined, `the device returned buffer id ${id}, which was never published`);
-      this.slotsOf.delete(id);
-      this.freeIds.push(id);
-      this.freeIds.sort((a, b) => a - b);
-      this.lastUsed += n;
-      if (this.lastUsed >= this.size) {
-        this.lastUsed -= this.size;
-        this.usedWrap ^= 1;
-      }
-    }
-    return out;
-  }
-
-  /** Writes the driver event suppression area (when the device should interrupt us). */
-  setDriverEvent(offWrap: number, flags: number): void {
-    this.w16(this.addrs.availAddr, offWrap);
-    this.w16(this.addrs.availAddr + 2, flags);
-  }
-
-  /** The device event suppression area (when we should kick). */
-  deviceEvent(): { offWrap: number; flags: number } {
-    return { offWrap: this.r16(this.addrs.usedAddr), flags: this.r16(this.addrs.usedAddr + 2) };
-  }
-
-  /** Linux's virtqueue_kick_prepare_packed: must we kick after publishing `added` slots ending at nextAvail? */
-  needsKick(added: number): boolean {
-    const { offWrap, flags } = this.deviceEvent();
-    if (flags !== DESC) return flags !== DISABLE;
-    const now = this.nextAvail;
-    const old = (now - added) & 0xffff;
-    let event = offWrap & 0x7fff;
-    if (offWrap >>> 15 !== this.availWrap) event -= this.size;
-    return ((now - event - 1) & 0xffff) < ((now - old) & 0xffff);
-  }
 }
 
 /** Fresh memory, driver and queue with the standard layout, the ring starting at `state`. */
@@ -649,6 +497,23 @@ describe("packed: corrupt rings give POP_RING_BROKEN and stop the queue", () => 
     drv.takeUsed();
     drv.publishRaw([{ addr: REGION_B, len: 8, flags: NEXT }], 1);
     expectBroken(q, /slot 1 follows a NEXT flag but the driver has not made it available/);
+  });
+
+  test("a chain in a slot the device still holds (the driver lapped the used position)", () => {
+    const { drv, q } = setup();
+    const c = new DescriptorChain(SIZE);
+    // Every slot taken by two-slot chains and none returned; then the driver makes slot 0 available again
+    // in the next lap, with a buffer id that is free.
+    for (let i = 0; i < SIZE / 2; i++) {
+      const id = drv.submit([{ addr: REGION_B, len: 8 }, { addr: REGION_B + 8, len: 8, write: true }]);
+      assert.equal(q.popChain(c), id);
+    }
+    drv.setDesc(ADDRS.descAddr, 0, { addr: REGION_B, len: 8, flags: WRITE | USED }, SIZE / 2);
+    assert.equal(q.hasAvailable(), true);
+    expectBroken(q, /chain at ring slot 0 takes 1 slots while 16 are in flight, more than the queue size 16/);
+    // What was taken still completes.
+    q.pushUsed(0, 8);
+    assert.deepEqual(drv.takeUsed(), [{ id: 0, len: 8 }]);
   });
 });
 
