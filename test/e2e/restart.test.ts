@@ -115,10 +115,16 @@ async function hostMd5(image: string, offset: number, size: number): Promise<str
   }
 }
 
-test('restart under a verified write load: SIGKILL at random moments, then a clean SIGTERM restart', {
+/** The ring layouts the restart runs with: QEMU's default split ring, and packed=on. */
+const LAYOUTS = [
+  { name: 'split', deviceArgs: '', startedLog: /queue 0 started: split/ },
+  { name: 'packed', deviceArgs: ',packed=on', startedLog: /queue 0 started: packed/ },
+] as const;
+
+for (const layout of LAYOUTS) test(`${layout.name} ring: restart under a verified write load: SIGKILL at random moments, then a clean SIGTERM restart`, {
   timeout: 420_000,
 }, () =>
-  runScenario('restart', ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (s) => {
+  runScenario(`restart-${layout.name}`, ['qemu-system-x86_64', 'busybox', 'cpio', 'fio', 'ldd'], async (s) => {
     const image = s.path('disk.img');
     const socket = s.path('vhost-user-blk.sock');
     await createSparseImage(image, IMAGE_BYTES);
@@ -130,8 +136,9 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
     let daemon: DaemonHandle;
 
     daemon = await step('start vhost-blk', start);
-    const g = await step('boot', () => s.boot({ socket, extraChardevArgs: ',reconnect=1' }));
+    const g = await step('boot', () => s.boot({ socket, extraChardevArgs: ',reconnect=1', extraDeviceArgs: layout.deviceArgs }));
     await step('daemon serves the ring', () => waitForLog(daemon, /vring 0 started/, 10_000));
+    assert.ok(daemon.output.some((l) => layout.startedLog.test(l)), `the daemon serves a ${layout.name} ring`);
 
     // Phase 1: SIGKILL at random moments under load.
     await step('start the SIGKILL-phase load', () => startLoad(g, 'kill'));
@@ -151,11 +158,11 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
       const found = daemon.output.map((l) => /(\d+) requests left in flight to resubmit/.exec(l)).find((m) => m);
       const n = found ? Number(found[1]) : 0;
       resubmitted += n;
-      console.log(`# SIGKILL #${k}: ring served again ${t1 - t0} ms later; ${n} requests resubmitted from the inflight region`);
+      console.log(`# ${layout.name}: SIGKILL #${k}: ring served again ${t1 - t0} ms later; ${n} requests resubmitted from the inflight region`);
       assert.doesNotMatch(daemon.output.join('\n'), /refused SET_INFLIGHT_FD|cannot start/, 'the new daemon took the inflight region');
     }
     const killLogs = await step('finish the SIGKILL-phase load', () => stopLoad(g, 'kill'));
-    console.log(`# SIGKILL phase: ${killLogs.length} verified fio runs, ${resubmitted} requests resubmitted in all, max completion latency ${maxClatMs(killLogs).toFixed(1)} ms`);
+    console.log(`# ${layout.name}: SIGKILL phase: ${killLogs.length} verified fio runs, ${resubmitted} requests resubmitted in all, max completion latency ${maxClatMs(killLogs).toFixed(1)} ms`);
     // With 16 requests always in flight a kill that finds none means the tracking did not work.
     assert.ok(resubmitted > 0, 'at least one kill left requests in flight that the next daemon resubmitted');
     await step('verify-only pass (SIGKILL phase)', () => g.check(fioCommand('kill', ' --verify_only'), 300_000));
@@ -175,7 +182,7 @@ test('restart under a verified write load: SIGKILL at random moments, then a cle
     await sleep(3000);
     const termLogs = await step('finish the SIGTERM-phase load', () => stopLoad(g, 'term'));
     const pauseMs = maxClatMs(termLogs);
-    console.log(`# SIGTERM restart: old daemon exited ${tExit - t0} ms after SIGTERM, new one listening at ${tListen - t0} ms, ` +
+    console.log(`# ${layout.name}: SIGTERM restart: old daemon exited ${tExit - t0} ms after SIGTERM, new one listening at ${tListen - t0} ms, ` +
       `ring served again at ${tServed - t0} ms (QEMU reconnects once a second); guest-visible pause (max fio completion latency) ${pauseMs.toFixed(1)} ms`);
     assert.ok(pauseMs > 0, 'fio reported completion latencies');
     await step('verify-only pass (SIGTERM phase)', () => g.check(fioCommand('term', ' --verify_only'), 300_000));
