@@ -59,6 +59,7 @@ const raw = {
   recv: libc.func('intptr_t recv(int fd, void *buf, size_t len, int flags)'),
   eventfd: libc.func('int eventfd(unsigned int initval, int flags)'),
   memfdCreate: libc.func('int memfd_create(const char *name, unsigned int flags)'),
+  fcntl: libc.func('int fcntl(int fd, int cmd, ...)'),
   ftruncate: libc.func('int ftruncate(int fd, int64_t len)'),
   fallocate: libc.func('int fallocate(int fd, int mode, int64_t off, int64_t len)'),
   ioctlPtr: libc.func('int ioctl(int fd, unsigned long req, void *arg)'),
@@ -95,6 +96,13 @@ export const SHUT_RDWR = 2;
 export const EFD_CLOEXEC = 0o2000000;
 export const EFD_NONBLOCK = 0o4000;
 export const MFD_CLOEXEC = 1;
+export const MFD_ALLOW_SEALING = 2;
+const F_ADD_SEALS = 1033;
+const F_GET_SEALS = 1034;
+/** File seals (fcntl(2)): no more seals, no shrinking, no growing. */
+export const F_SEAL_SEAL = 1;
+export const F_SEAL_SHRINK = 2;
+export const F_SEAL_GROW = 4;
 export const FALLOC_FL_KEEP_SIZE = 1;
 export const FALLOC_FL_PUNCH_HOLE = 2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
@@ -141,9 +149,19 @@ export function eventfd(initval = 0, flags = EFD_CLOEXEC): number {
   return check('eventfd', raw.eventfd(initval, flags));
 }
 
-/** memfd_create(2), close-on-exec. */
-export function memfdCreate(name: string): number {
-  return check('memfd_create', raw.memfdCreate(name, MFD_CLOEXEC));
+/** memfd_create(2), close-on-exec; `flags` may add MFD_ALLOW_SEALING. */
+export function memfdCreate(name: string, flags = 0): number {
+  return check('memfd_create', raw.memfdCreate(name, MFD_CLOEXEC | flags));
+}
+
+/** The seals on `fd` (F_GET_SEALS); throws SysError (EINVAL) for a file that cannot carry seals. */
+export function getSeals(fd: number): number {
+  return check('fcntl(F_GET_SEALS)', raw.fcntl(fd, F_GET_SEALS, 'int', 0), `fd ${fd}`);
+}
+
+/** Adds `seals` to `fd` (F_ADD_SEALS); throws SysError (EPERM once F_SEAL_SEAL is set, EINVAL if not sealable). */
+export function addSeals(fd: number, seals: number): void {
+  check('fcntl(F_ADD_SEALS)', raw.fcntl(fd, F_ADD_SEALS, 'int', seals), `fd ${fd}`);
 }
 
 /** ftruncate(2). */

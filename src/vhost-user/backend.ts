@@ -10,7 +10,7 @@
  */
 import { fstatSync } from 'node:fs';
 import { UnixConnection } from '../os/unix-socket.js';
-import { closeQuietly, ftruncate, memfdCreate } from '../os/libc.js';
+import { addSeals, closeQuietly, ftruncate, getSeals, memfdCreate, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MFD_ALLOW_SEALING } from '../os/libc.js';
 import { inflightQueueBytes, inflightRegionBytes } from '../virtqueue/inflight.js';
 import { MAX_QUEUE_SIZE } from '../virtqueue/queue.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
@@ -570,9 +570,12 @@ export class VhostUserSession {
     this.checkInflightShape(d.numQueues, d.queueSize);
     const packed = this.packedRings;
     const size = inflightRegionBytes(d.numQueues, d.queueSize, packed);
-    const fd = memfdCreate('vhost-blk-inflight');
+    const fd = memfdCreate('vhost-blk-inflight', MFD_ALLOW_SEALING);
     try {
       ftruncate(fd, size);
+      // Sealed at its size for good: whoever holds the fd (the frontend, any later backend) can never
+      // shrink it under a process that has it mapped, which would die of SIGBUS on its next store.
+      addSeals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
     } catch (err) {
       closeQuietly(fd);
       throw err;
@@ -602,6 +605,7 @@ export class VhostUserSession {
     if (d.mmapOffset % 8 !== 0) throw new Refusal(`inflight region offset ${d.mmapOffset} is not 8-byte aligned`);
     const fd = m.fds[0];
     m.fds[0] = -1; // mapRegion closes it, mapped or not
+    this.sealInflightFd(fd);
     let mapping: RegionMapping;
     try {
       mapping = mapRegion({ guestAddr: 0, size: d.mmapSize, userAddr: 0, mmapOffset: d.mmapOffset }, fd);
@@ -611,6 +615,28 @@ export class VhostUserSession {
     this.dropInflight();
     this.inflight = { mapping, mmapSize: d.mmapSize, numQueues: d.numQueues, queueSize: d.queueSize };
     this.log.info(`${this.name}: inflight region set: ${d.mmapSize} bytes for ${d.numQueues} queues of ${d.queueSize}`);
+  }
+
+  /**
+   * The region we map must not shrink under us (a store past its end is a SIGBUS that kills the daemon).
+   * Our own GET_INFLIGHT_FD fds come sealed; one from elsewhere (an older vhost-blk, another backend) is
+   * sealed here if it allows it, and otherwise taken with a warning: refusing it would fail QEMU's device
+   * start and lose the requests a restart is meant to save. Guest memory fds carry the same exposure.
+   */
+  private sealInflightFd(fd: number): void {
+    let seals: number;
+    try {
+      seals = getSeals(fd);
+    } catch {
+      seals = 0; // not a memfd or shmem file: it cannot carry seals
+    }
+    if ((seals & F_SEAL_SHRINK) !== 0) return;
+    try {
+      addSeals(fd, F_SEAL_SHRINK);
+    } catch (err) {
+      this.log.warn(`${this.name}: the inflight region's fd cannot be sealed against shrinking (${(err as Error).message}); ` +
+        'a frontend that truncates it would crash this daemon');
+    }
   }
 
   /** Queue `index`'s part of the inflight region, laid out for the negotiated ring type, or null when this ring is not tracked. */

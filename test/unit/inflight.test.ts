@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { GuestMemory } from '../../src/memory/guest-memory.js';
 import { DescriptorChain, POP_EMPTY, SplitQueue, VIRTQ_DESC_F_WRITE, type RingAddresses } from '../../src/virtqueue/split.js';
 import { INFLIGHT_ALIGNMENT, InflightQueue, inflightQueueBytes, inflightRegionBytes } from '../../src/virtqueue/inflight.js';
-import { closeQuietly, eventfd, eventfdRead, mmap, munmap, view, EFD_CLOEXEC, EFD_NONBLOCK, MAP_SHARED, PROT_READ, PROT_WRITE } from '../../src/os/libc.js';
+import { closeQuietly, eventfd, eventfdRead, ftruncate, getSeals, memfdCreate, mmap, munmap, view, EFD_CLOEXEC, EFD_NONBLOCK, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MAP_SHARED, MFD_ALLOW_SEALING, PROT_READ, PROT_WRITE } from '../../src/os/libc.js';
 import { DriverQueue, PackedDriverQueue, SharedMemory, VhostUserConnection, type DriverRing } from '../../src/frontend/index.js';
 import { decodePackedBase } from '../../src/virtqueue/packed.js';
 import { FRESH, packedRegionFields } from './packed-driver.js';
@@ -329,6 +329,9 @@ class ReconnectingFrontend {
       assert.equal(reply.fds.length, 1, 'GET_INFLIGHT_FD reply carries the region fd');
       const d = decodeInflight(reply.payload, R.GET_INFLIGHT_FD);
       assert.equal(d.mmapSize, inflightRegionBytes(1, QSIZE, this.packed), `the region is sized for ${this.packed ? 'packed' : 'split'} rings`);
+      // Sealed at its size: nobody holding the fd can shrink it under a daemon that has it mapped.
+      assert.equal(getSeals(reply.fds[0]), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, 'the region fd is sealed');
+      assert.throws(() => ftruncate(reply.fds[0], 0), /EPERM/, 'the region cannot shrink');
       this.inflight = { fd: reply.fds[0], size: d.mmapSize, addr: mmap(d.mmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, reply.fds[0], 0) };
     }
     await c.request(R.SET_INFLIGHT_FD, encodeInflight({ mmapSize: this.inflight.size, mmapOffset: 0, numQueues: 1, queueSize: QSIZE }), { ...ack, fds: [this.inflight.fd] });
@@ -628,6 +631,33 @@ describe('daemon restart with requests in flight', { timeout: 60_000 }, () => {
     assert.ok(resubmitted > 0, 'some kill found requests in flight');
     for (let s = 0; s < SLOTS; s++) assert.deepEqual(readImage(image, sector(s) * 512, 4096), pattern(4096, s * 100_000 + gen[s]), `slot ${s} holds its last write`);
     assert.equal(await f.stopRing(), f.ring.vringBase, 'GET_VRING_BASE: the daemon stands where the guest does');
+  });
+
+  test('a region fd from elsewhere is sealed against shrinking when it allows it, else taken with a warning', async () => {
+    fe?.close();
+    fe = undefined;
+    if (daemon) assert.equal(await stopDaemon(daemon), 0);
+    daemon = await startDaemon(dir, ['--image', image]);
+    const size = inflightRegionBytes(1, QSIZE, false);
+    for (const [what, flags] of [['sealable', MFD_ALLOW_SEALING], ['unsealable', 0]] as const) {
+      const fd = memfdCreate(`foreign-${what}`, flags);
+      ftruncate(fd, size);
+      const f = new ReconnectingFrontend();
+      f.inflight = { fd, size, addr: mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) };
+      try {
+        await f.connect(daemon.socket);
+        if (what === 'sealable') assert.equal(getSeals(fd) & F_SEAL_SHRINK, F_SEAL_SHRINK, 'the daemon sealed the region it maps');
+        else assert.match(daemon.log.join(''), /inflight region's fd cannot be sealed against shrinking/);
+        // Either way the ring runs with tracking.
+        f.write(0, 0, pattern(4096, 7));
+        await f.until(() => f.completions.get(0) === 1, 'the write');
+        assert.deepEqual(readImage(image, 0, 4096), pattern(4096, 7));
+      } finally {
+        f.close();
+      }
+      assert.equal(await stopDaemon(daemon), 0);
+      daemon = await startDaemon(dir, ['--image', image]);
+    }
   });
 
   test('without INFLIGHT_SHMFD negotiated the daemon serves as before and GET_INFLIGHT_FD gets a size-0 answer', async () => {
