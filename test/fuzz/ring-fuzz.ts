@@ -31,6 +31,8 @@ import {
   POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN, MAX_INDIRECT_ENTRIES, VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT,
   VIRTQ_DESC_F_WRITE as WRITE, type DescriptorChain, type RingAddresses,
 } from '../../src/virtqueue/queue.js';
+import { InflightQueue, inflightQueueBytes } from '../../src/virtqueue/inflight.js';
+import { PackedInflightQueue } from '../../src/virtqueue/packed-inflight.js';
 import { GuestSpace, type RegionPlan } from './guest-space.js';
 import { Prng } from './prng.js';
 import { Violation, check } from './violation.js';
@@ -133,6 +135,8 @@ export interface RingScenario {
   ringSpare: number;
   /** The used ring overlaps the avail ring (a hostile SET_VRING_ADDR). */
   overlapRings: boolean;
+  /** The queue records its requests in an inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). */
+  inflight: boolean;
   /** Where the queue starts: the last avail index (split) or avail slot and wrap (packed). */
   startIdx: number;
   /** used.idx at start when it differs from the avail index (a reconnect), else null. */
@@ -210,6 +214,7 @@ export const ringScenarioArb: fc.Arbitrary<RingScenario> = fc.record({
   }), { maxLength: 3 }),
   ringSpare: fc.oneof({ weight: 1, arbitrary: fc.nat({ max: 256 }) }, { weight: 3, arbitrary: fc.integer({ min: 4096, max: 16384 }) }),
   overlapRings: fc.oneof({ weight: 19, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
+  inflight: fc.boolean(),
   startIdx: fc.oneof(fc.constant(0), fc.constant(0xfffe), fc.nat({ max: 0xffff })),
   usedStart: fc.option(fc.nat({ max: 0xffff }), { freq: 8 }),
   seed: u32,
@@ -299,6 +304,8 @@ export class RingHarness {
   readonly addrs: RingAddresses;
   /** The queue under test (its popChain / pushUsed / hasAvailable are wrapped with checks). */
   readonly queue: SplitQueue | PackedQueue;
+  /** The inflight region when the scenario tracks requests, else null. */
+  private readonly region: Uint8Array | null = null;
   /** The request processor under test. */
   readonly proc: BlkRequestProcessor;
   /** The recording fake disk. */
@@ -389,6 +396,14 @@ export class RingHarness {
     this.queue = s.packed ? new PackedQueue(this.space.mem, size, this.addrs, opts, this.packedBase()) : new SplitQueue(this.space.mem, size, this.addrs, opts, s.startIdx);
     this.shadowAvail = s.startIdx;
     this.proc = new BlkRequestProcessor(this.queue, this.space.mem, this.backend, this.settings, this.iovArea, IOV_ADDR, TAG_BASE, () => undefined, 'fuzz');
+    if (s.inflight) {
+      // A fresh region: tracking must change nothing the model predicts, and leave nothing in flight.
+      this.region = new Uint8Array(inflightQueueBytes(size, s.packed));
+      const r = this.queue instanceof PackedQueue
+        ? this.queue.trackInflight(new PackedInflightQueue(this.region, size, size))
+        : this.queue.trackInflight(new InflightQueue(this.region, size, size));
+      check(!r.recovered, 'a fresh inflight region was taken for a previous backend\'s');
+    }
     this.instrument();
   }
 
@@ -740,6 +755,11 @@ export class RingHarness {
     }
     if (id >= this.size) return { ...p, expect: 'broken', why: 'buffer id out of range' };
     if (this.slotsOf.has(id)) return { ...p, expect: 'broken', why: 'buffer id already in flight' };
+    // A driver reuses slots only once they come back used: more slots in flight than the ring holds means
+    // it overwrote a chain the device still holds (a driver counts its free slots).
+    let outstanding = 0;
+    for (const n of this.slotsOf.values()) outstanding += n;
+    if (outstanding + taken > this.size) return { ...p, expect: 'broken', why: 'more slots in flight than the ring holds' };
     return { ...p, head: id, model: { bad: err !== null, why: err ?? '', bufs }, nextAvail: pos, nextWrap: wrap, slots: taken };
   }
 
@@ -1049,6 +1069,18 @@ export class RingHarness {
     check(this.pending.length === 0, 'backend operations still pending after the drain');
     check(this.open.size === 0, `${this.open.size} consumed chains were never returned to the guest`);
     check(this.proc.inFlight === 0, `inFlight is ${this.proc.inFlight} with nothing pending`);
+    if (this.region !== null) this.checkRegionIdle();
+  }
+
+  /** Every chain came back: a backend started now on the region must find nothing to resubmit. */
+  private checkRegionIdle(): void {
+    const q = this.queue;
+    const resubmit = q instanceof PackedQueue
+      ? new PackedInflightQueue(this.region!, this.size, this.size).recover(
+        { availIdx: q.lastAvailIdx, availWrap: q.availWrapCounter, usedIdx: q.usedIdx, usedWrap: q.usedWrapCounter },
+        (slot) => this.space.u16(this.addrs.descAddr + 16 * slot + 14)).resubmit
+      : new InflightQueue(this.region!, this.size, this.size).recover(q.usedIdx).resubmit;
+    check(resubmit.length === 0, `the inflight region still holds ${resubmit.length} request(s) after every chain came back`);
   }
 
   private step(step: Step): void {
