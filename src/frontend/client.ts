@@ -75,7 +75,7 @@ function checkRegions(regions: readonly GuestRegion[], memoryBytes: number, maxR
 export interface ClientOptions {
   /** Queues to start (at most what GET_QUEUE_NUM allows); default 1. */
   numQueues?: number;
-  /** Entries per queue, a power of two; default 128. */
+  /** Entries per queue: a power of two for split rings, any size in 1..32768 for packed ones; default 128. */
   queueSize?: number;
   /** Size of the shared guest memory in bytes (page multiple); default 64 MiB. */
   memoryBytes?: number;
@@ -441,9 +441,9 @@ export class VhostUserBlkClient {
     const replyTimeoutMs = opts.replyTimeoutMs ?? 5000;
     const regions = checkRegions(opts.memoryRegions ?? [{ guestAddr: 0, offset: 0, size: memoryBytes }], memoryBytes);
     if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 256) throw new RangeError(`numQueues must be 1..256, got ${numQueues}`);
-    if (!Number.isInteger(queueSize) || queueSize < 1 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
-      throw new RangeError(`queueSize must be a power of two in 1..32768, got ${queueSize}`);
-    }
+    // Packed rings may have any size (virtio 1.2, 2.8); split rings need a power of two (2.7).
+    const sizeOk = Number.isInteger(queueSize) && queueSize >= 1 && queueSize <= 32768 && (opts.packed === true || (queueSize & (queueSize - 1)) === 0);
+    if (!sizeOk) throw new RangeError(`queueSize must be ${opts.packed ? 'in' : 'a power of two in'} 1..32768, got ${queueSize}`);
     const conn = VhostUserConnection.connect(socketPath);
     let memory: SharedMemory | null = null;
     let client: VhostUserBlkClient | null = null;

@@ -303,9 +303,10 @@ export class VhostUserSession {
     const { index, num } = decodeVringState(m.request, m.payload);
     const v = this.vring(index);
     if (v.running) throw new Refusal(`vring ${index} is running`);
-    if (num < 1 || num > this.device.maxQueueSize || (num & (num - 1)) !== 0) {
-      throw new Refusal(`vring ${index} size ${num} is not a power of two in 1..${this.device.maxQueueSize}`);
-    }
+    // A packed ring may have any size (virtio 1.2, 2.8); a split ring needs a power of two (2.7). QEMU
+    // sends SET_FEATURES first; a split ring whose size slipped through is refused when it starts.
+    if (num < 1 || num > this.device.maxQueueSize) throw new Refusal(`vring ${index} size ${num} is not in 1..${this.device.maxQueueSize}`);
+    if (!this.packedRings && (num & (num - 1)) !== 0) throw new Refusal(`vring ${index} size ${num} is not a power of two (split rings need one)`);
     v.size = num;
   }
 

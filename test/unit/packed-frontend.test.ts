@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { closeSync, mkdtempSync, openSync, rmSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { ClientOptions, VhostUserBlkClient } from '../../src/frontend/index.js';
+import { VhostUserBlkClient, type ClientOptions } from '../../src/frontend/index.js';
 import { Feature, RequestType, Status } from '../../src/blk/constants.js';
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtqueue/queue.js';
 import { decodePackedBase, encodePackedBase } from '../../src/virtqueue/packed.js';
@@ -140,6 +140,20 @@ describe('packed virtqueues without EVENT_IDX (flag-only event suppression)', { 
       await writeAndVerify(client, 0, 120, 6, 7);
       assert.ok(client.callSignals(0) > 0n, 'the daemon interrupted the driver (ENABLE mode)');
     });
+  });
+});
+
+describe('packed rings of any size (virtio 1.2 asks no power of two of them)', { timeout: 60_000 }, () => {
+  for (const queueSize of [100, 13]) {
+    test(`a ${queueSize}-slot packed ring serves many laps of chains, direct and indirect`, async () => {
+      await withPackedDaemon({ queueSize }, [], async (client) => {
+        // 120 requests of up to 10 slots each go round a 13-slot ring many times, wrapping mid-chain.
+        await writeAndVerify(client, 0, 120, Math.max(1, Math.min(6, Math.floor(queueSize / 10))), 11);
+      });
+    });
+  }
+  test('split rings must still be a power of two: the front-end library refuses a 100-slot one', async () => {
+    await assert.rejects(VhostUserBlkClient.connect('/nonexistent/socket', { queueSize: 100 }), /queueSize must be a power of two in 1\.\.32768, got 100/);
   });
 });
 
