@@ -138,7 +138,7 @@ export class VhostUserSession {
   private readonly handlers: Map<number, Entry>;
   private closed = false;
   /** The inflight region from SET_INFLIGHT_FD, mapped here, and the queue shape it was described with. */
-  private inflight: { mapping: RegionMapping; mmapSize: number; numQueues: number; queueSize: number } | null = null;
+  private inflight: { mapping: RegionMapping; numQueues: number; queueSize: number } | null = null;
   /** Our end of the backend request channel the frontend gave with SET_BACKEND_REQ_FD, or null. */
   private backendChannel: UnixConnection | null = null;
   /** Backend requests go out one at a time: the next waits for the previous one's reply. */
@@ -614,7 +614,7 @@ export class VhostUserSession {
       throw new Refusal(`mapping the inflight region failed: ${(err as Error).message}`);
     }
     this.dropInflight();
-    this.inflight = { mapping, mmapSize: d.mmapSize, numQueues: d.numQueues, queueSize: d.queueSize };
+    this.inflight = { mapping, numQueues: d.numQueues, queueSize: d.queueSize };
     this.log.info(`${this.name}: inflight region set: ${d.mmapSize} bytes for ${d.numQueues} queues of ${d.queueSize}`);
   }
 
@@ -646,9 +646,10 @@ export class VhostUserSession {
     if (!f) return null;
     const bytes = inflightQueueBytes(f.queueSize, this.packedRings);
     // The size was checked at SET_INFLIGHT_FD for the ring type then; features may have changed since.
-    if (index >= f.numQueues || v.size > f.queueSize || (index + 1) * bytes > f.mmapSize) {
+    const mapped = f.mapping.region.size;
+    if (index >= f.numQueues || v.size > f.queueSize || (index + 1) * bytes > mapped) {
       this.log.warn(`${this.name}: vring ${index} (size ${v.size}) is outside the inflight region (${f.numQueues} queues of ${f.queueSize}, ` +
-        `${f.mmapSize} bytes); its requests are not tracked`);
+        `${mapped} bytes); its requests are not tracked`);
       return null;
     }
     return { hostAddr: f.mapping.hostAddr + index * bytes, bytes, queueSize: f.queueSize };

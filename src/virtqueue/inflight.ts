@@ -33,16 +33,16 @@ const HEADER_BYTES = 16;
 /** sizeof(DescStateSplit). */
 const DESC_STATE_BYTES = 16;
 /** u16 indices of the header fields (version and desc_num sit there in the packed layout too). */
-const VERSION_U16 = 4;
-const DESC_NUM_U16 = 5;
+export const VERSION_U16 = 4;
+export const DESC_NUM_U16 = 5;
 const LAST_BATCH_HEAD_U16 = 6;
 const USED_IDX_U16 = 7;
 const TWO_32 = 2 ** 32;
 
 /** sizeof(QueueRegionPacked) before desc[0]: 29 bytes of fields, padded to the u64 alignment of DescStatePacked. */
-const PACKED_HEADER_BYTES = 32;
+export const PACKED_HEADER_BYTES = 32;
 /** sizeof(DescStatePacked). */
-const PACKED_DESC_STATE_BYTES = 32;
+export const PACKED_DESC_STATE_BYTES = 32;
 
 /** Bytes of one queue's region for queues of `queueSize` descriptors, split (QueueRegionSplit) or packed (QueueRegionPacked). */
 export function inflightQueueBytes(queueSize: number, packed = false): number {

@@ -43,12 +43,13 @@
  * every field once and checks it.
  */
 
-import { INFLIGHT_VERSION, InflightCounter, inflightQueueBytes, queueRegionViews, regionInUse } from "./inflight.js";
+import {
+  DESC_NUM_U16, INFLIGHT_VERSION, InflightCounter, PACKED_DESC_STATE_BYTES as ENTRY_BYTES, PACKED_HEADER_BYTES as HEADER_BYTES, VERSION_U16,
+  inflightQueueBytes, queueRegionViews, regionInUse,
+} from "./inflight.js";
 import { VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, type PackedRingState } from "./packed.js";
 
-/** u16 indices of the header fields. */
-const VERSION_U16 = 4;
-const DESC_NUM_U16 = 5;
+/** u16 indices of the header fields after version and desc_num (which both layouts share). */
 const FREE_HEAD_U16 = 6;
 const OLD_FREE_HEAD_U16 = 7;
 const USED_IDX_U16 = 8;
@@ -56,10 +57,7 @@ const OLD_USED_IDX_U16 = 9;
 /** Byte offsets of the wrap counters. */
 const USED_WRAP_U8 = 20;
 const OLD_USED_WRAP_U8 = 21;
-/** Entry e starts at byte 32 + 32e: u16 index 16 + 16e, u32 index 8 + 8e. */
-const ENTRY_BYTES = 32;
-const HEADER_BYTES = 32;
-/** u16 offsets inside an entry. */
+/** u16 offsets inside an entry (entry e starts at byte HEADER_BYTES + ENTRY_BYTES * e). */
 const NEXT = 1;
 const LAST = 2;
 const NUM = 3;
