@@ -29,6 +29,8 @@ export interface ConfigChangeNotifier {
   readonly frontendConnected: boolean;
   /** True while that frontend gave us a backend request channel. */
   readonly backendChannel: boolean;
+  /** True while that frontend migrates the guest: the daemon logs its writes into guest memory. */
+  readonly dirtyLogging: boolean;
   /** Sends CONFIG_CHANGE_MSG; true once the frontend took it. */
   notifyConfigChange(): Promise<boolean>;
 }
@@ -73,6 +75,7 @@ export class DiskResizer {
       readOnly: this.source.kind === 'file' ? this.source.readOnly : false,
       frontendConnected: this.notifier.frontendConnected,
       backendChannel: this.notifier.backendChannel,
+      dirtyLogging: this.notifier.dirtyLogging,
     };
   }
 

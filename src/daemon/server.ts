@@ -54,6 +54,11 @@ export class Server {
     return this.session?.hasBackendChannel ?? false;
   }
 
+  /** True while the connected frontend migrates the guest (dirty logging on). */
+  get dirtyLogging(): boolean {
+    return this.session?.dirtyLogging ?? false;
+  }
+
   /**
    * Tells the connected frontend, if any, that the config space changed; resolves true once it took the
    * notice (see VhostUserSession.notifyConfigChange), false when there is no one to tell or it failed.

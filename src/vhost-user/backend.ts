@@ -546,6 +546,11 @@ export class VhostUserSession {
     return this.channel.present;
   }
 
+  /** True while the frontend migrates the guest: LOG_ALL is on and a log region is set. */
+  get dirtyLogging(): boolean {
+    return this.migrationLog.active;
+  }
+
   /** Tells the frontend the config space changed (CONFIG_CHANGE_MSG); see BackendChannel.notifyConfigChange. */
   notifyConfigChange(): Promise<boolean> {
     return this.channel.notifyConfigChange();
