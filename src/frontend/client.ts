@@ -982,8 +982,12 @@ export class VhostUserBlkClient {
           const next = d.nextIndex ?? (d.next !== undefined ? descs[d.next] : k + 1 < n ? descs[k + 1] : 0);
           qs.ring.writeDescriptor(descs[k], d.addr, d.len, d.flags, next);
         });
+        // What an indirect table lets the device write is not known here: no used len check then.
         let writableBytes = 0;
-        for (const d of descriptors) if (d.flags & VIRTQ_DESC_F_WRITE) writableBytes += d.len;
+        for (const d of descriptors) {
+          if (d.flags & VIRTQ_DESC_F_INDIRECT) writableBytes = Number.POSITIVE_INFINITY;
+          else if (d.flags & VIRTQ_DESC_F_WRITE) writableBytes += d.len;
+        }
         this.track(qs, {
           descs, block: -1, blockLen: 0, statusOff: -1, inOffs: [], inLens: [], writableBytes, raw: true, abandoned: false,
           timer: undefined, resolve, reject,
