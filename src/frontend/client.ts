@@ -768,9 +768,12 @@ export class VhostUserBlkClient {
    * guest memory (dirtyLogBytes) in a fresh memfd, SET_LOG_BASE with it (a refusing reply throws
    * VhostUserError and leaves logging off), SET_FEATURES with VHOST_F_LOG_ALL added, then SET_VRING_ADDR
    * with VHOST_VRING_F_LOG for every started queue; each acked when REPLY_ACK is negotiated, so the
-   * back-end logs once this resolves. Resolves with the log.
+   * back-end logs once this resolves. With `logBaseLast`, SET_LOG_BASE comes after the others instead:
+   * QEMU's order when a device starts while a migration runs (vhost_dev_start). A failure part way
+   * leaves logging off here, and the back-end in whatever state the messages it took put it. Resolves
+   * with the log.
    */
-  async startDirtyLog(): Promise<DirtyLogArea> {
+  async startDirtyLog(opts: { logBaseLast?: boolean } = {}): Promise<DirtyLogArea> {
     this.checkOpen();
     if (this.log) throw new Error('dirty logging is already on');
     if (!this.supportsDirtyLog) {
@@ -779,10 +782,11 @@ export class VhostUserBlkClient {
     }
     const log = DirtyLogArea.create(dirtyLogBytes(this.regions));
     try {
-      await sendLogBase(this.connection, log, this.replyTimeoutMs);
-      this.log = log;
+      if (!opts.logBaseLast) await sendLogBase(this.connection, log, this.replyTimeoutMs);
       await this.connection.request(R.SET_FEATURES, encodeU64(this.features | LOG_ALL), this.ack);
       for (const qs of this.queues) if (qs.running) await this.sendVringAddr(qs.index, true);
+      if (opts.logBaseLast) await sendLogBase(this.connection, log, this.replyTimeoutMs);
+      this.log = log;
     } catch (err) {
       // The log stays mapped only if the back-end may still write into it: closing our copy is harmless either way.
       this.log = null;

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, dirname, join } from 'node:path';
-import { defineConformanceSuite, spawnBackend, ABRUPT_INFLIGHT, INFLIGHT_STOP, LOG_BASE_TOO_SMALL, LOG_BASE_NO_FD, LOG_ALL_WITHOUT_BASE } from './suite.js';
+import { defineConformanceSuite, spawnBackend, ABRUPT_INFLIGHT, INFLIGHT_STOP, LOG_BASE_TOO_SMALL, LOG_BASE_NO_FD } from './suite.js';
 
 /** Path of an executable on $PATH, or undefined. */
 function which(cmd: string): string | undefined {
@@ -48,8 +48,6 @@ if (!QSD) {
       [LOG_BASE_TOO_SMALL]: 'qemu-storage-daemon (QEMU 7.2, libvhost-user) accepts a SET_LOG_BASE log smaller than guest memory needs, or larger than its fd',
       // libvhost-user vu_panic()s on a SET_LOG_BASE without an fd: the device is marked broken and its rings stop.
       [LOG_BASE_NO_FD]: 'qemu-storage-daemon (QEMU 7.2, libvhost-user) panics the device on SET_LOG_BASE without an fd: the rings stop serving',
-      // libvhost-user takes SET_FEATURES with VHOST_F_LOG_ALL whether or not a log was given (it then just logs nothing).
-      [LOG_ALL_WITHOUT_BASE]: 'qemu-storage-daemon (QEMU 7.2, libvhost-user) acks VHOST_F_LOG_ALL with no log base',
     },
   });
 }
