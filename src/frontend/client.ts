@@ -17,6 +17,7 @@ import { Socket } from 'node:net';
 import { closeQuietly, eventfd, lastErrno, native, socketPair, EFD_CLOEXEC, EFD_NONBLOCK } from '../os/libc.js';
 import {
   FrontendRequest as R, BackendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, CONFIG_HEADER_SIZE, HEADER_SIZE,
+  VHOST_F_LOG_ALL, VHOST_VRING_F_LOG,
   backendRequestName, decodeHeader, encodeReplyAck, encodeConfig, encodeMemRegion, encodeMemTable, encodeU64, encodeVringAddr, encodeVringFd, encodeVringState,
 } from '../vhost-user/messages.js';
 import { Feature, RequestType, Status, REQUEST_HEADER_SIZE, SECTOR_SIZE, ID_BYTES } from '../blk/constants.js';
@@ -25,6 +26,7 @@ import { VhostUserConnection, VhostUserError } from './connection.js';
 import { DriverQueue, ringSizes, type DriverRing } from './driver-queue.js';
 import { PackedDriverQueue, packedRingSizes } from './packed-driver-queue.js';
 import { ExtentAllocator, SharedMemory, PAGE_SIZE } from './memory.js';
+import { DirtyLogArea, dirtyLogBytes, sendLogBase, type GuestRange, type MemorySnapshot } from './dirty-log.js';
 
 /** One guest memory region: `size` bytes of the memfd from `offset`, seen by the guest at `guestAddr`. */
 export interface GuestRegion {
@@ -295,9 +297,9 @@ export function encodeBlkRanges(ranges: readonly BlkRange[]): Buffer {
   return b;
 }
 
-/** Protocol features this front-end understands. */
+/** Protocol features this front-end understands (LOG_SHMFD: dirty logging with startDirtyLog()). */
 export const DRIVER_PROTOCOL_FEATURES = [
-  ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS,
+  ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.LOG_SHMFD,
 ].reduce((acc, b) => acc | (1n << BigInt(b)), 0n);
 
 /** Reads the config space (GET_CONFIG of the first BLK_CONFIG_READ_SIZE bytes, as QEMU does) and decodes it. */
@@ -313,6 +315,9 @@ async function getBlkConfig(conn: VhostUserConnection, timeoutMs: number): Promi
 function memTable(memory: SharedMemory, regions: readonly GuestRegion[]) {
   return regions.map((r) => ({ guestAddr: r.guestAddr, size: r.size, userAddr: memory.addr + r.offset, mmapOffset: r.offset }));
 }
+
+/** VHOST_F_LOG_ALL as a feature mask. */
+const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
 
 function has(bits: bigint, bit: number): boolean {
   return (bits & (1n << BigInt(bit))) !== 0n;
@@ -341,6 +346,16 @@ interface Inflight {
   timer: NodeJS.Timeout | undefined;
   resolve: (v: BlkCompletion & RawCompletion) => void;
   reject: (e: Error) => void;
+}
+
+/** Where a queue's rings are in guest physical memory (from VhostUserBlkClient.ringAreas). */
+export interface RingAreas {
+  /** Descriptor table (split) or descriptor ring (packed). */
+  desc: GuestRange;
+  /** Available ring (split) or driver event suppression area (packed). */
+  avail: GuestRange;
+  /** Used ring (split) or device event suppression area (packed): what SET_VRING_ADDR logs at log_guest_addr. */
+  used: GuestRange;
 }
 
 /** Per-queue state. */
@@ -392,6 +407,8 @@ export class VhostUserBlkClient {
   private idlePolls = 0;
   private readonly requestTimeoutMs: number;
   private readonly replyTimeoutMs: number;
+  /** The dirty log the back-end writes into, while logging is on. */
+  private log: DirtyLogArea | null = null;
 
   private constructor(
     /** The control connection (raw access for tests). */
@@ -619,13 +636,9 @@ export class VhostUserBlkClient {
     const qs = this.queues[q];
     const ack = this.ack;
     const c = this.connection;
-    const l = qs.ring.layout;
     await c.request(R.SET_VRING_NUM, encodeVringState(q, qs.ring.size), ack);
     await c.request(R.SET_VRING_BASE, encodeVringState(q, base), ack);
-    await c.request(R.SET_VRING_ADDR, encodeVringAddr({
-      index: q, flags: 0, descUserAddr: this.memory.addr + l.desc, usedUserAddr: this.memory.addr + l.used,
-      availUserAddr: this.memory.addr + l.avail, logGuestAddr: 0,
-    }), ack);
+    await this.sendVringAddr(q, this.log !== null);
     await c.request(R.SET_VRING_CALL, encodeVringFd(q, false), { ...ack, fds: [qs.callFd] });
     await c.request(R.SET_VRING_KICK, encodeVringFd(q, false), { ...ack, fds: [qs.kickFd] });
     if (has(this.features, VHOST_USER_F_PROTOCOL_FEATURES)) await c.request(R.SET_VRING_ENABLE, encodeVringState(q, 1), ack);
@@ -633,6 +646,18 @@ export class VhostUserBlkClient {
     // Anything made available while the queue was stopped is the device's again.
     // (The low 16 bits are the avail index, or a packed ring's avail slot and wrap counter.)
     if ((qs.ring.vringBase & 0xffff) !== (base & 0xffff)) qs.ring.kick();
+  }
+
+  /**
+   * SET_VRING_ADDR of queue `q` with its addresses (our mapping's user addresses) and, when `logged`,
+   * VHOST_VRING_F_LOG with log_guest_addr = the used ring's guest address (as QEMU sends it).
+   */
+  private async sendVringAddr(q: number, logged: boolean): Promise<void> {
+    const l = this.queues[q].ring.layout;
+    await this.connection.request(R.SET_VRING_ADDR, encodeVringAddr({
+      index: q, flags: logged ? 1 << VHOST_VRING_F_LOG : 0, descUserAddr: this.memory.addr + l.desc, usedUserAddr: this.memory.addr + l.used,
+      availUserAddr: this.memory.addr + l.avail, logGuestAddr: logged ? this.guestAddress(l.used) : 0,
+    }), this.ack);
   }
 
   /** Stops queue `q` (GET_VRING_BASE; the back-end finishes in-flight requests first); resolves with the vring base (split: the next avail index; packed: both positions and wrap counters). */
@@ -664,13 +689,13 @@ export class VhostUserBlkClient {
 
   /**
    * Sets the device up again as QEMU does when the guest resets it: stops every running queue
-   * (GET_VRING_BASE), sends SET_FEATURES and SET_MEM_TABLE again, clears every ring and starts it at index 0.
-   * Fails if requests are still outstanding once the queues are stopped.
+   * (GET_VRING_BASE), sends SET_FEATURES and SET_MEM_TABLE again, clears every ring and starts it at index 0
+   * (still logged, with LOG_ALL in the features, while dirty logging is on). Fails if requests are still outstanding once the queues are stopped.
    */
   async reinitialize(): Promise<void> {
     for (const qs of this.queues) if (qs.running) await this.stopQueue(qs.index);
     if (this.outstanding > 0) throw new Error(`${this.outstanding} requests still outstanding after the queues stopped`);
-    await this.connection.request(R.SET_FEATURES, encodeU64(this.features), this.ack);
+    await this.connection.request(R.SET_FEATURES, encodeU64(this.log ? this.features | LOG_ALL : this.features), this.ack);
     if (this.memoryMessages === 'set-mem-table') await this.sendMemTable();
     for (const qs of this.queues) {
       qs.ring.reset();
@@ -718,6 +743,144 @@ export class VhostUserBlkClient {
     const qs = this.queues[q];
     if (!qs) throw new RangeError(`queue ${q} does not exist (${this.queues.length} queues)`);
     return qs;
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+  // Dirty logging (live migration): the generic log is in dirty-log.ts; this drives the protocol.
+
+  /** True if the back-end can log dirty pages: it offers VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD was negotiated. */
+  get supportsDirtyLog(): boolean {
+    return has(this.offeredFeatures, VHOST_F_LOG_ALL) && has(this.protocolFeatures, ProtocolFeature.LOG_SHMFD);
+  }
+
+  /** True between startDirtyLog() and stopDirtyLog(). */
+  get dirtyLogging(): boolean {
+    return this.log !== null;
+  }
+
+  /** The log the back-end writes into while logging is on (raw access; owned by the client), else null. */
+  get dirtyLog(): DirtyLogArea | null {
+    return this.log;
+  }
+
+  /**
+   * Turns dirty logging on as QEMU does when a migration starts, with the rings running: a log sized for
+   * guest memory (dirtyLogBytes) in a fresh memfd, SET_LOG_BASE with it (a refusing reply throws
+   * VhostUserError and leaves logging off), SET_FEATURES with VHOST_F_LOG_ALL added, then SET_VRING_ADDR
+   * with VHOST_VRING_F_LOG for every started queue; each acked when REPLY_ACK is negotiated, so the
+   * back-end logs once this resolves. With `logBaseLast`, SET_LOG_BASE comes after the others instead:
+   * QEMU's order when a device starts while a migration runs (vhost_dev_start). A failure part way
+   * leaves logging off here, and the back-end in whatever state the messages it took put it. Resolves
+   * with the log.
+   */
+  async startDirtyLog(opts: { logBaseLast?: boolean } = {}): Promise<DirtyLogArea> {
+    this.checkOpen();
+    if (this.log) throw new Error('dirty logging is already on');
+    if (!this.supportsDirtyLog) {
+      throw new VhostUserError(`the back-end cannot log dirty pages: it offers ${has(this.offeredFeatures, VHOST_F_LOG_ALL) ? '' : 'no VHOST_F_LOG_ALL, '}` +
+        `${has(this.offeredProtocolFeatures, ProtocolFeature.LOG_SHMFD) ? `VHOST_USER_PROTOCOL_F_LOG_SHMFD${has(this.protocolFeatures, ProtocolFeature.LOG_SHMFD) ? '' : ' (not negotiated)'}` : 'no VHOST_USER_PROTOCOL_F_LOG_SHMFD'}`);
+    }
+    const log = DirtyLogArea.create(dirtyLogBytes(this.regions));
+    try {
+      if (!opts.logBaseLast) await sendLogBase(this.connection, log, this.replyTimeoutMs);
+      await this.connection.request(R.SET_FEATURES, encodeU64(this.features | LOG_ALL), this.ack);
+      for (const qs of this.queues) if (qs.running) await this.sendVringAddr(qs.index, true);
+      if (opts.logBaseLast) await sendLogBase(this.connection, log, this.replyTimeoutMs);
+      this.log = log;
+    } catch (err) {
+      // The log stays mapped only if the back-end may still write into it: closing our copy is harmless either way.
+      this.log = null;
+      log.close();
+      throw err;
+    }
+    return log;
+  }
+
+  /**
+   * Turns dirty logging off as QEMU does when a migration ends or fails: SET_FEATURES without LOG_ALL,
+   * SET_VRING_ADDR without VHOST_VRING_F_LOG for every started queue, then the log is unmapped and
+   * closed, unless `keepLog`: then it is returned still mapped, and the caller closes it (tests: the
+   * back-end must not write into it any more).
+   */
+  async stopDirtyLog(opts: { keepLog?: boolean } = {}): Promise<DirtyLogArea | null> {
+    this.checkOpen();
+    const log = this.log;
+    if (!log) throw new Error('dirty logging is not on');
+    await this.connection.request(R.SET_FEATURES, encodeU64(this.features), this.ack);
+    for (const qs of this.queues) if (qs.running) await this.sendVringAddr(qs.index, false);
+    this.log = null;
+    if (opts.keepLog) return log;
+    log.close();
+    return null;
+  }
+
+  /**
+   * Gives the back-end a new log while logging is on (a second SET_LOG_BASE, as QEMU sends when guest
+   * memory grows), sized for `regions` (default: the current layout). Once the back-end answered, the bits
+   * of the old log are moved into the new one (nothing is lost) and the old log is closed, unless
+   * `keepOld`: then it is returned still mapped, for the caller to close.
+   */
+  async replaceDirtyLog(opts: { keepOld?: boolean; regions?: readonly GuestRange[] } = {}): Promise<DirtyLogArea | null> {
+    this.checkOpen();
+    const old = this.log;
+    if (!old) throw new Error('dirty logging is not on');
+    const log = DirtyLogArea.create(dirtyLogBytes(opts.regions ?? this.regions));
+    try {
+      await sendLogBase(this.connection, log, this.replyTimeoutMs);
+    } catch (err) {
+      log.close();
+      throw err;
+    }
+    this.log = log;
+    const lost = log.addPages(old.takePages());
+    if (lost > 0) this.anomalies.push(`${lost} dirty page(s) of the old log are past the end of its replacement`);
+    if (opts.keepOld) return old;
+    old.close();
+    return null;
+  }
+
+  /** Guest page numbers (guest physical address / 4096) marked in the dirty log, ascending; throws unless logging is on. */
+  dirtyPages(): number[] {
+    return this.activeLog().pages();
+  }
+
+  /** Reads and clears the dirty log (atomically per 64-bit word, as QEMU's sync does); returns the pages that were marked. */
+  takeDirtyPages(): number[] {
+    return this.activeLog().takePages();
+  }
+
+  /** Clears the dirty log (atomically per 64-bit word: a bit set meanwhile is kept or cleared, never torn). */
+  clearDirtyLog(): void {
+    this.activeLog().clear();
+  }
+
+  private activeLog(): DirtyLogArea {
+    this.checkOpen();
+    if (!this.log) throw new Error('dirty logging is not on: call startDirtyLog() first');
+    return this.log;
+  }
+
+  /** A copy of guest memory, one entry per memory region with its guest physical address (for diffs with changedPages). */
+  snapshotMemory(): MemorySnapshot {
+    this.checkOpen();
+    const mem = this.memory.bytes;
+    return { regions: this.regions.map((r) => ({ guestAddr: r.guestAddr, bytes: Buffer.from(mem.subarray(r.offset, r.offset + r.size)) })) };
+  }
+
+  /** Where queue `q`'s rings are in guest physical memory (each part with its exact byte size). */
+  ringAreas(q: number): RingAreas {
+    const ring = this.queueState(q).ring;
+    const s = ring instanceof PackedDriverQueue ? packedRingSizes(ring.size) : ringSizes(ring.size);
+    const l = ring.layout;
+    return {
+      desc: { guestAddr: this.guestAddress(l.desc), size: s.desc },
+      avail: { guestAddr: this.guestAddress(l.avail), size: s.avail },
+      used: { guestAddr: this.guestAddress(l.used), size: s.used },
+    };
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new Error('the client is closed');
   }
 
   // -------------------------------------------------------------------------------------------------------
@@ -823,8 +986,12 @@ export class VhostUserBlkClient {
           const next = d.nextIndex ?? (d.next !== undefined ? descs[d.next] : k + 1 < n ? descs[k + 1] : 0);
           qs.ring.writeDescriptor(descs[k], d.addr, d.len, d.flags, next);
         });
+        // What an indirect table lets the device write is not known here: no used len check then.
         let writableBytes = 0;
-        for (const d of descriptors) if (d.flags & VIRTQ_DESC_F_WRITE) writableBytes += d.len;
+        for (const d of descriptors) {
+          if (d.flags & VIRTQ_DESC_F_INDIRECT) writableBytes = Number.POSITIVE_INFINITY;
+          else if (d.flags & VIRTQ_DESC_F_WRITE) writableBytes += d.len;
+        }
         this.track(qs, {
           descs, block: -1, blockLen: 0, statusOff: -1, inOffs: [], inLens: [], writableBytes, raw: true, abandoned: false,
           timer: undefined, resolve, reject,
@@ -860,7 +1027,7 @@ export class VhostUserBlkClient {
 
   /**
    * Hot-adds guest memory region `region` (ADD_MEM_REG, or the whole table again with SET_MEM_TABLE) and
-   * lets the allocator hand it out. It must not touch an existing region, in the memfd or in guest memory.
+   * lets the allocator hand it out. While dirty logging is on, a log too small for it is replaced first. It must not touch an existing region, in the memfd or in guest memory.
    */
   async addMemoryRegion(region: GuestRegion): Promise<void> {
     if (this.closed) throw new Error('the client is closed');
@@ -868,6 +1035,8 @@ export class VhostUserBlkClient {
     if (this.regions.some((r) => r.offset + r.size === region.offset || region.offset + region.size === r.offset)) {
       throw new RangeError('a hot-added region must not be adjacent to another one in the memfd');
     }
+    // As QEMU: a log that would not cover the new region grows before the back-end learns of the region.
+    if (this.log && dirtyLogBytes(next) > this.log.size) await this.replaceDirtyLog({ regions: next });
     const previous = this.regions;
     this.regions = next;
     try {
@@ -1155,6 +1324,8 @@ export class VhostUserBlkClient {
       closeQuietly(qs.callFd);
     }
     this.outstanding = 0;
+    this.log?.close();
+    this.log = null;
     this.memory.close();
   }
 }

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, dirname, join } from 'node:path';
-import { defineConformanceSuite, spawnBackend, ABRUPT_INFLIGHT, INFLIGHT_STOP } from './suite.js';
+import { defineConformanceSuite, spawnBackend, ABRUPT_INFLIGHT, INFLIGHT_STOP, LOG_BASE_TOO_SMALL, LOG_BASE_NO_FD } from './suite.js';
 
 /** Path of an executable on $PATH, or undefined. */
 function which(cmd: string): string | undefined {
@@ -43,6 +43,11 @@ if (!QSD) {
       // QEMU 7.2 (libvhost-user): GET_VRING_BASE answers at once, without draining the requests it took; they
       // complete later, into a stopped ring, and the SET_VRING_* of the restart then finds the connection closed.
       [INFLIGHT_STOP]: 'qemu-storage-daemon (QEMU 7.2) answers GET_VRING_BASE without draining in-flight requests, and drops the connection at the restart',
+      // QEMU 7.2 (libvhost-user) maps whatever log SET_LOG_BASE describes without comparing it with guest
+      // memory or the fd's size, and answers every SET_LOG_BASE with the mmap size it was sent.
+      [LOG_BASE_TOO_SMALL]: 'qemu-storage-daemon (QEMU 7.2, libvhost-user) accepts a SET_LOG_BASE log smaller than guest memory needs, or larger than its fd',
+      // libvhost-user vu_panic()s on a SET_LOG_BASE without an fd: the device is marked broken and its rings stop.
+      [LOG_BASE_NO_FD]: 'qemu-storage-daemon (QEMU 7.2, libvhost-user) panics the device on SET_LOG_BASE without an fd: the rings stop serving',
     },
   });
 }
