@@ -9,12 +9,13 @@
  * Generic vhost-user: nothing here knows about virtio-blk. The pure functions (sizing, marking, reading,
  * snapshot diffs) work on plain byte arrays; DirtyLogArea is the shared memfd itself.
  */
+import { DIRTY_LOG_PAGE, dirtyLogBytes as bytesCovering } from '../memory/dirty-log.js';
 import { closeQuietly, ftruncate, memfdCreate, mmap, munmap, view, MAP_SHARED, PROT_READ, PROT_WRITE } from '../os/libc.js';
 import { FrontendRequest, encodeLog } from '../vhost-user/messages.js';
 import { VhostUserConnection, VhostUserError } from './connection.js';
 
 /** Bytes of guest memory one log bit stands for (VHOST_LOG_PAGE). */
-export const LOG_PAGE_SIZE = 4096;
+export const LOG_PAGE_SIZE = DIRTY_LOG_PAGE;
 /** Guest bytes one 64-bit log word covers (VHOST_LOG_CHUNK): 64 pages. */
 export const LOG_CHUNK_BYTES = LOG_PAGE_SIZE * 64;
 
@@ -31,33 +32,21 @@ export interface GuestRange {
  * guest address up to the last byte of the highest region (ceil((last + 1) / 256 KiB) words of 8 bytes).
  */
 export function dirtyLogBytes(regions: readonly GuestRange[]): number {
-  let words = 0;
+  let end = 0;
   for (const r of regions) {
     if (!Number.isSafeInteger(r.guestAddr) || !Number.isSafeInteger(r.size) || r.guestAddr < 0 || r.size <= 0) {
       throw new RangeError(`bad guest range 0x${r.guestAddr.toString(16)} + ${r.size}`);
     }
-    const last = r.guestAddr + r.size - 1;
-    words = Math.max(words, Math.floor(last / LOG_CHUNK_BYTES) + 1);
+    end = Math.max(end, r.guestAddr + r.size);
   }
-  if (words === 0) throw new RangeError('a dirty log needs at least one memory region');
-  return words * 8;
+  if (end === 0) throw new RangeError('a dirty log needs at least one memory region');
+  // One sizing rule for both sides: the daemon checks a log against guest memory with the same function.
+  return bytesCovering(end);
 }
 
 /** Guest page number (log bit index) of guest physical address `gpa`. */
 export function logPage(gpa: number): number {
   return Math.floor(gpa / LOG_PAGE_SIZE);
-}
-
-/**
- * Sets the bit of every page that [gpa, gpa + length) touches, as a back-end does after writing guest
- * memory (a reference model for tests; plain stores, not atomic). Throws if the range ends past the log.
- */
-export function markDirty(log: Uint8Array, gpa: number, length: number): void {
-  if (length <= 0) return;
-  const first = logPage(gpa);
-  const last = logPage(gpa + length - 1);
-  if (last >= log.length * 8) throw new RangeError(`guest range 0x${gpa.toString(16)} + ${length} ends past a ${log.length}-byte log (${log.length * 8} pages)`);
-  for (let p = first; p <= last; p++) log[p >>> 3] |= 1 << (p & 7);
 }
 
 /** True if page `page`'s bit is set in `log` (false past its end). */

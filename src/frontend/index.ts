@@ -12,6 +12,6 @@ export { DriverQueue, needEvent, ringSizes, type DriverRing, type RingLayout } f
 export { PackedDriverQueue, packedRingSizes } from './packed-driver-queue.js';
 export { SharedMemory, ExtentAllocator, PAGE_SIZE } from './memory.js';
 export {
-  DirtyLogArea, dirtyLogBytes, logPage, markDirty, isPageDirty, dirtyPagesOf, changedPages, logBaseReplyAccepted, sendLogBase,
+  DirtyLogArea, dirtyLogBytes, logPage, isPageDirty, dirtyPagesOf, changedPages, logBaseReplyAccepted, sendLogBase,
   LOG_PAGE_SIZE, LOG_CHUNK_BYTES, type GuestRange, type MemorySnapshot,
 } from './dirty-log.js';
