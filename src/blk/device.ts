@@ -5,7 +5,7 @@
 import type { BackendSpec } from '../backend/types.js';
 import { QueueWorker } from '../daemon/worker-pool.js';
 import type { Logger } from '../daemon/logger.js';
-import type { PlaneRegion, RingStart, VhostUserDevice } from '../vhost-user/backend.js';
+import type { DirtyLogArea, PlaneRegion, RingStart, VhostUserDevice } from '../vhost-user/backend.js';
 import { ProtocolFeature } from '../vhost-user/messages.js';
 import { readConfig, WRITEBACK_OFFSET, type BlkConfig } from './config.js';
 import { Feature, bit, ID_BYTES } from './constants.js';
@@ -140,7 +140,7 @@ export class BlkDevice implements VhostUserDevice {
       op: 'start',
       params: {
         queue: r.queue, size: r.size, descUserAddr: r.descUserAddr, availUserAddr: r.availUserAddr, usedUserAddr: r.usedUserAddr,
-        lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd, packed: r.packed, inflight: r.inflight ?? null,
+        lastAvailIdx: r.lastAvailIdx, kickFd: r.kickFd, callFd: r.callFd, packed: r.packed, inflight: r.inflight ?? null, logUsedAddr: r.logUsedAddr,
         eventIdx: (r.features & bit(Feature.RING_EVENT_IDX)) !== 0n,
         indirect: (r.features & bit(Feature.RING_INDIRECT_DESC)) !== 0n,
         discard: (r.features & bit(Feature.BLK_DISCARD)) !== 0n,
@@ -158,6 +158,16 @@ export class BlkDevice implements VhostUserDevice {
   /** Replaces a running ring's call fd. */
   async setCallFd(queue: number, fd: number): Promise<void> {
     await this.worker(queue).request({ op: 'call-fd', queue, fd });
+  }
+
+  /** Migration: every worker logs its writes into guest memory in `log` (null: stops); resolves when none uses the previous one. */
+  async setDirtyLog(log: DirtyLogArea | null): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ op: 'dirty-log', log })));
+  }
+
+  /** Migration: a running ring's VHOST_VRING_F_LOG changed. */
+  async setRingLog(queue: number, usedLogAddr: number | null): Promise<void> {
+    await this.worker(queue).request({ op: 'ring-log', queue, usedLogAddr });
   }
 
   /** Stops every worker (in-flight requests finish first). */

@@ -25,6 +25,11 @@ export interface BlkSettings {
   writeZeroes: boolean;
   /** Largest discard / write-zeroes range, in 512-byte sectors. */
   maxRangeSectors: number;
+  /**
+   * Read data is marked in the migration dirty log (when one is active). False only in tests that prove a
+   * migration check can see stale pages (VHOST_BLK_TEST_UNLOGGED_READS=1); never in production.
+   */
+  logReadData?: boolean;
 }
 
 /** A sink for one-line log messages. */
@@ -57,6 +62,9 @@ export class BlkRequestProcessor {
   private readonly slotIovFirst: Uint16Array;
   private readonly slotIovEnd: Uint16Array;
   private readonly iov32: Uint32Array;
+  /** Guest address and length of each data iovec as first built: what a read's completion marks dirty while migrating. */
+  private readonly iovGpa: Float64Array;
+  private readonly iovLen: Uint32Array;
   private readonly header = new Uint8Array(REQUEST_HEADER_SIZE);
   private readonly range = new Uint8Array(RANGE_SIZE);
   private readonly rangeView = new DataView(this.range.buffer);
@@ -103,6 +111,8 @@ export class BlkRequestProcessor {
     this.slotIovFirst = new Uint16Array(slots);
     this.slotIovEnd = new Uint16Array(slots);
     this.iov32 = new Uint32Array(iovArea);
+    this.iovGpa = new Float64Array(slots * this.iovPerSlot);
+    this.iovLen = new Uint32Array(slots * this.iovPerSlot);
   }
 
   /** Bytes of native iovec memory needed for a queue of `size` entries. */
@@ -303,6 +313,8 @@ export class BlkRequestProcessor {
         this.iov32[w + 1] = Math.floor(host / TWO_32);
         this.iov32[w + 2] = take;
         this.iov32[w + 3] = 0;
+        this.iovGpa[iov] = gpa;
+        this.iovLen[iov] = take;
         iov++;
         total += take;
         gpa += take;
@@ -418,12 +430,22 @@ export class BlkRequestProcessor {
         return;
       }
     }
+    // Migration: the data a read put in guest memory (failed reads too: part of it may have landed).
+    if (state === SlotState.Reading && this.mem.dirtyLog !== null) this.markReadData(slot);
     this.mem.writeU8(this.slotStatusGpa[slot], status);
     this.queue.pushUsed(this.slotHead[slot], status === Status.OK ? this.slotUsedLen[slot] : 1);
     this.hasNewUsed = true;
     this.slotState[slot] = SlotState.Free;
     this.freeSlots[this.freeCount++] = slot;
     this.inFlight--;
+  }
+
+  /** Marks every data buffer of the read in `slot` dirty (its iovecs as first built: a short read's resubmission trims them). */
+  private markReadData(slot: number): void {
+    if (this.settings.logReadData === false) return;
+    const first = slot * this.iovPerSlot;
+    const end = first + this.slotIovEnd[slot];
+    for (let i = first; i < end; i++) this.mem.markDirty(this.iovGpa[i], this.iovLen[i]);
   }
 
   /** For diagnostics: the requests in flight, one phrase each (slot, head, operation, tag). */

@@ -13,6 +13,7 @@ import { FaultInjectingBackend } from '../backend/faults.js';
 import type { BlockBackend, IoContext } from '../backend/types.js';
 import { BlkRequestProcessor, type BlkSettings } from '../blk/request-processor.js';
 import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
+import { DirtyLog } from '../memory/dirty-log.js';
 import { allocNative, munmap, view } from '../os/libc.js';
 import { IORING_OP_READ, IORING_OP_TIMEOUT, IORING_OP_WRITE, IoUring } from '../os/uring.js';
 import { SplitQueue } from '../virtqueue/split.js';
@@ -32,6 +33,8 @@ const KICK_GENS = 1024;
 const CALL_BASE = 2 ** 31;
 const CONTROL_TAG = 2 ** 32;
 const CANCEL_TAG = 2 ** 33;
+/** A stopping queue's flush of the image (a tag the fault wrapper's delay tags never reach): STOP_FLUSH_BASE + queue. */
+const STOP_FLUSH_BASE = 2 ** 29;
 /** A stopping queue's watch timer: STOP_WATCH_BASE + queue. */
 const STOP_WATCH_BASE = 2 ** 34;
 const MAX_QUEUES = 1024;
@@ -61,6 +64,8 @@ interface Runner {
   gpas: { descAddr: number; availAddr: number; usedAddr: number };
   /** Reply id of a pending stop, or -1. */
   stopId: number;
+  /** The stop's flush of the image is in the ring: the reply waits for it. */
+  stopFlushing: boolean;
 }
 
 const init = workerData as WorkerInit;
@@ -75,9 +80,18 @@ const baseBackend: BlockBackend = init.backend.kind === 'file'
   ? new FileBackend(ctx, init.backend.fd, init.backend.sizeBytes, init.backend.readOnly)
   : new NullBackend(ctx, init.backend.sizeBytes, init.backend.readOnly);
 const backend: BlockBackend = init.backend.faults?.length ? new FaultInjectingBackend(ctx, baseBackend, init.backend.faults) : baseBackend;
-const settings: BlkSettings = { serial: init.serial, segMax: init.segMax, writeback: init.writeback, discard: false, writeZeroes: false, maxRangeSectors: MAX_RANGE_SECTORS };
+const settings: BlkSettings = {
+  serial: init.serial, segMax: init.segMax, writeback: init.writeback, discard: false, writeZeroes: false, maxRangeSectors: MAX_RANGE_SECTORS,
+  // Test-only: lets the migration tests prove that their check sees the pages a missed mark leaves stale.
+  logReadData: process.env.VHOST_BLK_TEST_UNLOGGED_READS !== '1',
+};
+if (!settings.logReadData) log('warn', `worker ${init.index}: VHOST_BLK_TEST_UNLOGGED_READS=1: read data is NOT logged during migration (a test switch: guests migrated now get stale memory)`);
 const runners: Array<Runner | undefined> = [];
 let memory = GuestMemory.empty();
+/** While the front-end migrates the guest: the dirty log every write into guest memory is marked in. */
+let dirtyLog: DirtyLog | null = null;
+/** Marks already reported as missed (outside the log), so each new batch is logged once. */
+let missedReported = 0;
 /** A memory table waiting for in-flight requests to drain, and the reply id for it. */
 let pendingMemory: { mem: GuestMemory; id: number } | null = null;
 let exitId = -1;
@@ -153,7 +167,10 @@ function startQueue(p: StartQueue): void {
     munmap(iovMem.addr, size);
     throw err;
   }
-  const r: Runner = { index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, kickArmed: false, kickFailed: false, iov: { ...iovMem, size }, stopId: -1, params: p, gpas };
+  const r: Runner = {
+    index: p.queue, ...built, kickFd: p.kickFd, callFd: p.callFd, kickGen: 0, kickArmed: false, kickFailed: false, iov: { ...iovMem, size },
+    stopId: -1, stopFlushing: false, params: p, gpas,
+  };
   runners[p.queue] = r;
   armKick(r);
   // After a restart the guest may wait on completions the previous backend published while QEMU was
@@ -169,7 +186,30 @@ function buildQueue(p: StartQueue, gpas: Runner['gpas'], base: number, iovMem: {
   const queue = p.packed ? new PackedQueue(memory, p.size, gpas, opts, base) : new SplitQueue(memory, p.size, gpas, opts, base);
   if (p.inflight) trackInflight(queue, p, base);
   const proc = new BlkRequestProcessor(queue, memory, backend, settings, iovMem.buffer, iovMem.addr, p.queue * 65536, log, `queue ${p.queue}`);
+  applyRingLog(queue, p);
   return { queue, proc };
+}
+
+/** Ring writes are logged while a dirty log is active and the frontend set VHOST_VRING_F_LOG on the ring. */
+function applyRingLog(queue: VirtQueue, p: StartQueue): void {
+  queue.setRingLog(p.logUsedAddr === null ? null : dirtyLog, p.logUsedAddr ?? 0);
+}
+
+/** Switches every write into guest memory to `next` (null: logging off); the old log is not touched after this returns. */
+function setDirtyLog(next: { hostAddr: number; bytes: number } | null): void {
+  reportMissedMarks();
+  dirtyLog = next === null ? null : new DirtyLog(new Uint8Array(view(next.hostAddr, next.bytes)));
+  missedReported = 0;
+  memory.dirtyLog = dirtyLog;
+  for (const r of runners) if (r) applyRingLog(r.queue, r.params);
+}
+
+/** A write the log could not cover is a page the destination may get stale: say so (once per batch). */
+function reportMissedMarks(): void {
+  if (dirtyLog === null || dirtyLog.missed === missedReported) return;
+  log('error', `${name}: ${dirtyLog.missed - missedReported} write(s) into guest memory fell outside the dirty log ` +
+    `(${dirtyLog.coveredBytes} bytes of guest memory covered): those pages may be stale after migration`);
+  missedReported = dirtyLog.missed;
 }
 
 /**
@@ -206,6 +246,7 @@ function applyPendingMemory(): void {
   const { mem, id } = pendingMemory;
   pendingMemory = null;
   memory = mem;
+  memory.dirtyLog = dirtyLog;
   for (const r of runners) {
     if (!r) continue;
     try {
@@ -235,11 +276,32 @@ function onStopWatch(q: number): void {
   armStopWatch(r);
 }
 
-/** Finishes a stop once nothing is in flight: the guest has every completion before we answer. */
+/**
+ * Finishes a stop once nothing is in flight: the guest has every completion (and, while migrating, every
+ * one of them is in the dirty log) before we answer. A writable image is flushed first: GET_VRING_BASE
+ * is where a migration's source stops, and the destination's daemon must find every acknowledged write
+ * in the image, whatever the guest's cache mode.
+ */
 function finishStop(r: Runner): void {
+  if (r.stopFlushing) return;
   flushNotifications(r, true);
   disarmKick(r);
   ring.submit();
+  if (backend.readOnly) return answerStop(r);
+  r.stopFlushing = true;
+  backend.flush(STOP_FLUSH_BASE + r.index);
+}
+
+/** The stop's flush completed: the ring is released and the control thread gets the vring base. */
+function onStopFlushed(q: number, res: number): void {
+  const r = runners[q];
+  if (!r || !r.stopFlushing) return;
+  if (res < 0) log('error', `${name}: queue ${q}: flushing the image as the ring stops failed: errno ${-res}; acknowledged writes may not be durable`);
+  answerStop(r);
+}
+
+function answerStop(r: Runner): void {
+  reportMissedMarks();
   runners[r.index] = undefined;
   munmap(r.iov.addr, r.iov.size);
   post({ op: 'reply', id: r.stopId, lastAvailIdx: r.queue.vringBase });
@@ -291,6 +353,17 @@ function handleControl(msg: ToWorker): void {
       case 'writeback':
         settings.writeback = msg.enabled;
         break;
+      case 'dirty-log':
+        setDirtyLog(msg.log);
+        break;
+      case 'ring-log': {
+        const r = runners[msg.queue];
+        if (r) {
+          r.params = { ...r.params, logUsedAddr: msg.usedLogAddr };
+          applyRingLog(r.queue, r.params);
+        }
+        break;
+      }
       case 'resize':
         // Every processor reads the size from the backend per request: the next one sees it.
         backend.sizeBytes = msg.sizeBytes;
@@ -347,6 +420,10 @@ function onCompletion(tag: number, res: number): void {
   }
   if (tag >= CALL_BASE && tag < CONTROL_TAG) {
     if (res < 0) log('warn', `${name}: queue ${tag - CALL_BASE}: signalling the call eventfd failed: errno ${-res}`);
+    return;
+  }
+  if (tag >= STOP_FLUSH_BASE && tag < STOP_FLUSH_BASE + MAX_QUEUES) {
+    onStopFlushed(tag - STOP_FLUSH_BASE, res);
     return;
   }
   if (tag >= STOP_WATCH_BASE && tag < STOP_WATCH_BASE + MAX_QUEUES) {

@@ -46,6 +46,13 @@ export type ToWorker =
   | { op: 'stop'; id: number; queue: number }
   | { op: 'call-fd'; id: number; queue: number; fd: number }
   | { op: 'writeback'; id: number; enabled: boolean }
+  /**
+   * Migration: mark every write into guest memory in the dirty log mapped at hostAddr (bytes long), or
+   * stop (null). Replied once no later write can use the previous log, which may then be unmapped.
+   */
+  | { op: 'dirty-log'; id: number; log: { hostAddr: number; bytes: number } | null }
+  /** VHOST_VRING_F_LOG of a running ring changed: its ring writes are logged at usedLogAddr, or not (null). */
+  | { op: 'ring-log'; id: number; queue: number; usedLogAddr: number | null }
   /** The disk grew: later requests are checked against the new size (replied once applied). */
   | { op: 'resize'; id: number; sizeBytes: number }
   | { op: 'exit'; id: number };

@@ -26,6 +26,8 @@ export interface MappedRegion extends RegionDescriptor {
   readonly bytes: Uint8Array;
 }
 
+import type { DirtyLog } from './dirty-log.js';
+
 /** Guest addresses must stay exact as JS numbers; larger ones are rejected as out of range. */
 const MAX_ADDR = Number.MAX_SAFE_INTEGER;
 
@@ -35,6 +37,11 @@ export class GuestMemory {
   readonly regions: readonly MappedRegion[];
   /** Index of the region that satisfied the last lookup: most accesses hit the same one. */
   private lastHit = 0;
+  /**
+   * While the front-end migrates the guest: the dirty log that every write into guest memory is marked
+   * in (write() and writeU8() do it themselves; writers through their own views call markDirty()).
+   */
+  dirtyLog: DirtyLog | null = null;
 
   constructor(regions: readonly MappedRegion[]) {
     const sorted = [...regions].sort((a, b) => a.guestAddr - b.guestAddr);
@@ -130,7 +137,13 @@ export class GuestMemory {
   write(gpa: number, data: Uint8Array): boolean {
     if (!this.covers(gpa, data.length)) return false;
     this.eachPiece(gpa, data.length, (bytes, off, done, take) => bytes.set(data.subarray(done, done + take), off));
+    this.markDirty(gpa, data.length);
     return true;
+  }
+
+  /** Marks [gpa, gpa+len) dirty in the migration log, if one is active; call after the bytes are written. */
+  markDirty(gpa: number, len: number): void {
+    if (this.dirtyLog !== null) this.dirtyLog.mark(gpa, len);
   }
 
   /** Calls `fn` for each region piece of a range already known to be covered. */
@@ -151,6 +164,7 @@ export class GuestMemory {
     if (i < 0) return false;
     const r = this.regions[i];
     r.bytes[gpa - r.guestAddr] = value;
+    if (this.dirtyLog !== null) this.dirtyLog.mark(gpa, 1);
     return true;
   }
 }

@@ -8,29 +8,24 @@
  * has a kick fd and is enabled, and stops at GET_VRING_BASE, which answers only after in-flight
  * requests completed.
  */
-import { fstatSync } from 'node:fs';
 import { UnixConnection } from '../os/unix-socket.js';
-import { addSeals, closeQuietly, ftruncate, getSeals, memfdCreate, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MFD_ALLOW_SEALING } from '../os/libc.js';
-import { inflightQueueBytes, inflightRegionBytes } from '../virtqueue/inflight.js';
-import { MAX_QUEUE_SIZE } from '../virtqueue/queue.js';
+import { closeQuietly } from '../os/libc.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
 import type { RegionDescriptor } from '../memory/guest-memory.js';
 import type { Logger } from '../daemon/logger.js';
 import {
-  FrontendRequest as R, BackendRequest, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES,
-  decodeConfig, decodeEmpty, decodeInflight, encodeReplyInflight, decodeHeader, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
-  decodeVringState, decodeReplyHeader, encodeBackendRequest, encodeReply, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName, backendRequestName,
+  FrontendRequest as R, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG,
+  decodeConfig, decodeEmpty, decodeInflight, encodeReplyInflight, decodeHeader, decodeLog, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,
+  decodeVringState, encodeReply, encodeReplyAck, encodeReplyConfig, encodeReplyU64, encodeReplyVringState, requestName,
 } from './messages.js';
+import { BackendChannel } from './backend-channel.js';
+import { InflightRegion, type InflightArea } from './inflight-region.js';
+import { MigrationLog, type DirtyLogArea } from './migration-log.js';
+import { Refusal } from './refusal.js';
 
-/** One queue's part of the inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), mapped in this process. */
-export interface InflightArea {
-  /** Address of the queue's region here. */
-  hostAddr: number;
-  /** Its length in bytes (inflightQueueBytes(queueSize, packed): the layout follows the ring type). */
-  bytes: number;
-  /** The queue size the frontend described the region with (desc_num). */
-  queueSize: number;
-}
+export type { InflightArea } from './inflight-region.js';
+export type { DirtyLogArea } from './migration-log.js';
+export { BACKEND_REPLY_TIMEOUT_MS } from './backend-channel.js';
 
 /** Ring parameters handed to the data plane when a ring starts. */
 export interface RingStart {
@@ -52,6 +47,8 @@ export interface RingStart {
    * bits 0-14, its wrap counter in bit 15, the used index in bits 16-30 and its wrap counter in bit 31.
    */
   packed: boolean;
+  /** VHOST_VRING_F_LOG was set with the ring's addresses: the guest address its used ring is logged at (log_guest_addr), else null. */
+  logUsedAddr: number | null;
   /** Where the ring records requests in flight (INFLIGHT_SHMFD set up; split or packed layout as `packed` says), or null/absent: untracked. */
   inflight?: InflightArea | null;
 }
@@ -83,6 +80,10 @@ export interface VhostUserDevice {
   stopRing(queue: number): Promise<number>;
   /** Replaces a running ring's call fd (-1: none). */
   setCallFd(queue: number, fd: number): Promise<void>;
+  /** Migration: logs every write into guest memory in `log` (null: stop); resolves once the previous log is no longer used. */
+  setDirtyLog(log: DirtyLogArea | null): Promise<void>;
+  /** Migration: a running ring's VHOST_VRING_F_LOG changed: log its ring writes at `usedLogAddr` (null: not). */
+  setRingLog(queue: number, usedLogAddr: number | null): Promise<void>;
 }
 
 /** VIRTIO_F_RING_PACKED: a transport feature bit that changes what the vring messages mean. */
@@ -91,16 +92,16 @@ const VIRTIO_F_RING_PACKED = 34n;
 /** Largest number of memory slots (ADD_MEM_REG) we accept; QEMU must never see this go down. */
 export const MAX_MEM_SLOTS = 32;
 
-/**
- * How long the frontend may take to answer a backend request. QEMU handles CONFIG_CHANGE_MSG by reading
- * the config space back (a GET_CONFIG round trip on the main socket), so a healthy one answers in
- * milliseconds; one that does not answer at all must not leave the caller waiting forever.
- */
-export const BACKEND_REPLY_TIMEOUT_MS = 10_000;
+/** Features every device gets from the session: the protocol feature messages and dirty logging for migration. */
+const SESSION_FEATURES = (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)) | (1n << BigInt(VHOST_F_LOG_ALL));
+const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
+/** Protocol features the session itself implements. */
+const SESSION_PROTOCOL_FEATURES = 1n << BigInt(ProtocolFeature.LOG_SHMFD);
 
 interface Vring {
   size: number;
-  addr: { desc: number; avail: number; used: number } | null;
+  /** Ring addresses (frontend user addresses), and where the used ring is logged when VHOST_VRING_F_LOG is set (else null). */
+  addr: { desc: number; avail: number; used: number; logUsed: number | null } | null;
   base: number;
   kickFd: number;
   callFd: number;
@@ -121,13 +122,46 @@ interface Message {
  * nothing (an ack is then sent when asked for).
  */
 type HandlerResult = Buffer | { reply: Buffer; fds: number[] } | void;
-type Handler = (m: Message) => Promise<HandlerResult> | HandlerResult;
-/** A handler table entry: fds it expects ('any' = the handler checks), whether it has a reply body, and
- * the reply that signals failure where the spec defines one (else a refusal ends the connection). */
-interface Entry { fds: number | 'any'; replies: boolean; handler: Handler; errorReply?: (m: Message) => Buffer }
 
-/** An error that refuses one request; the connection goes on. */
-class Refusal extends Error {}
+/** How one request is handled, declared once in the table and checked before the handler runs. */
+interface Spec<T> {
+  /** File descriptors it must carry ('any': the handler checks). */
+  fds: number | 'any';
+  /** Decodes and checks the payload; a ProtocolError refuses the request. */
+  decode: (m: Message) => T;
+  /** Protocol feature that must be negotiated first (vhost-user.rst names one for many requests). */
+  requires?: number;
+  /** It always has a reply body: a refusal without errorReply must end the connection (the frontend waits). */
+  replies?: boolean;
+  /** The reply that signals failure where the spec defines one (undefined: none is due). */
+  errorReply?: (m: Message) => Buffer | undefined;
+}
+
+/** A handler table entry: its spec and the handler, called with the decoded body. */
+interface Entry extends Spec<unknown> {
+  handle: (body: unknown, m: Message) => Promise<HandlerResult> | HandlerResult;
+}
+
+/** Builds a table entry whose handler gets what `spec.decode` returns, typed. */
+function on<T>(spec: Spec<T>, handle: (body: T, m: Message) => Promise<HandlerResult> | HandlerResult): Entry {
+  return { ...spec, handle: handle as Entry['handle'] };
+}
+
+/** Payload decoders in the shape the table takes. */
+const empty = (m: Message) => decodeEmpty(m.request, m.payload);
+/** For requests whose payload means nothing and was never checked (GET_FEATURES & co.): any is accepted, as before. */
+const ignored = () => undefined;
+const u64 = (m: Message) => decodeU64(m.request, m.payload);
+const vringState = (m: Message) => decodeVringState(m.request, m.payload);
+const vringFd = (m: Message) => decodeVringFd(m.request, m.payload);
+const memRegion = (m: Message) => decodeMemRegion(m.request, m.payload);
+const config = (m: Message) => decodeConfig(m.request, m.payload);
+const inflight = (m: Message) => decodeInflight(m.payload, m.request);
+
+/** Name of a protocol feature bit for refusals ("CONFIG"). */
+function protocolFeatureName(bit: number): string {
+  return Object.entries(ProtocolFeature).find(([, v]) => v === bit)?.[0] ?? `bit ${bit}`;
+}
 
 /** One frontend connection speaking vhost-user to a device. */
 export class VhostUserSession {
@@ -137,44 +171,52 @@ export class VhostUserSession {
   private regions: RegionMapping[] = [];
   private readonly handlers: Map<number, Entry>;
   private closed = false;
-  /** The inflight region from SET_INFLIGHT_FD, mapped here, and the queue shape it was described with. */
-  private inflight: { mapping: RegionMapping; numQueues: number; queueSize: number } | null = null;
-  /** Our end of the backend request channel the frontend gave with SET_BACKEND_REQ_FD, or null. */
-  private backendChannel: UnixConnection | null = null;
-  /** Backend requests go out one at a time: the next waits for the previous one's reply. */
-  private backendQueue: Promise<unknown> = Promise.resolve();
+  private readonly inflight: InflightRegion;
+  private readonly channel: BackendChannel;
+  private readonly migrationLog: MigrationLog;
 
   constructor(private readonly conn: UnixConnection, private readonly device: VhostUserDevice, private readonly log: Logger, private readonly name = 'frontend') {
     this.vrings = Array.from({ length: device.numQueues }, () => newVring());
-    // fds: how many fds the request carries ('any' = handler checks); replies: has its own reply body.
+    this.inflight = new InflightRegion(log, name, device.numQueues);
+    this.channel = new BackendChannel(log, name, () => this.negotiated(ProtocolFeature.REPLY_ACK), () => !this.closed);
+    this.migrationLog = new MigrationLog(log, name, device);
+    const P = ProtocolFeature;
     this.handlers = new Map<number, Entry>([
-      [R.GET_FEATURES, { fds: 0, replies: true, handler: () => this.getFeatures() }],
-      [R.SET_FEATURES, { fds: 0, replies: false, handler: (m) => this.setFeatures(m) }],
-      [R.GET_PROTOCOL_FEATURES, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_PROTOCOL_FEATURES, this.device.protocolFeatures) }],
-      [R.SET_PROTOCOL_FEATURES, { fds: 0, replies: false, handler: (m) => this.setProtocolFeatures(m) }],
-      [R.SET_OWNER, { fds: 0, replies: false, handler: (m) => decodeEmpty(m.request, m.payload) }],
-      [R.RESET_OWNER, { fds: 0, replies: false, handler: () => this.resetOwner() }],
-      [R.RESET_DEVICE, { fds: 0, replies: false, handler: () => this.reset() }],
-      [R.GET_QUEUE_NUM, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_QUEUE_NUM, BigInt(this.device.numQueues)) }],
-      [R.GET_MAX_MEM_SLOTS, { fds: 0, replies: true, handler: () => encodeReplyU64(R.GET_MAX_MEM_SLOTS, BigInt(MAX_MEM_SLOTS)) }],
-      [R.SET_MEM_TABLE, { fds: 'any', replies: false, handler: (m) => this.setMemTable(m) }],
-      [R.ADD_MEM_REG, { fds: 1, replies: false, handler: (m) => this.addMemReg(m) }],
-      [R.REM_MEM_REG, { fds: 'any', replies: false, handler: (m) => this.remMemReg(m) }],
+      [R.GET_FEATURES, on({ fds: 0, decode: ignored, replies: true }, () => encodeReplyU64(R.GET_FEATURES, this.offeredFeatures))],
+      [R.SET_FEATURES, on({ fds: 0, decode: u64 }, (f) => this.setFeatures(f))],
+      [R.GET_PROTOCOL_FEATURES, on({ fds: 0, decode: ignored, replies: true }, () => encodeReplyU64(R.GET_PROTOCOL_FEATURES, this.offeredProtocolFeatures))],
+      [R.SET_PROTOCOL_FEATURES, on({ fds: 0, decode: u64 }, (f) => this.setProtocolFeatures(f))],
+      [R.SET_OWNER, on({ fds: 0, decode: empty }, () => undefined)],
+      [R.RESET_OWNER, on({ fds: 0, decode: ignored }, () => this.resetOwner())],
+      [R.RESET_DEVICE, on({ fds: 0, decode: ignored, requires: P.RESET_DEVICE }, () => this.reset())],
+      [R.GET_QUEUE_NUM, on({ fds: 0, decode: ignored, replies: true, requires: P.MQ }, () => encodeReplyU64(R.GET_QUEUE_NUM, BigInt(this.device.numQueues)))],
+      [R.GET_MAX_MEM_SLOTS, on({ fds: 0, decode: ignored, replies: true, requires: P.CONFIGURE_MEM_SLOTS }, () => encodeReplyU64(R.GET_MAX_MEM_SLOTS, BigInt(MAX_MEM_SLOTS)))],
+      [R.SET_MEM_TABLE, on({ fds: 'any', decode: (m) => decodeMemTable(m.payload) }, (t, m) => this.setMemTable(t, m.fds))],
+      [R.ADD_MEM_REG, on({ fds: 1, decode: memRegion, requires: P.CONFIGURE_MEM_SLOTS }, (r, m) => this.addMemReg(r, m.fds))],
+      [R.REM_MEM_REG, on({ fds: 'any', decode: memRegion, requires: P.CONFIGURE_MEM_SLOTS }, (r, m) => this.remMemReg(r, m.fds))],
       // vhost-user.rst: a GET_CONFIG reply with a zero-length payload tells the frontend it failed.
-      [R.GET_CONFIG, { fds: 0, replies: true, handler: (m) => this.getConfig(m), errorReply: () => encodeReply(R.GET_CONFIG) }],
-      [R.SET_CONFIG, { fds: 0, replies: false, handler: (m) => this.setConfig(m) }],
-      [R.SET_VRING_NUM, { fds: 0, replies: false, handler: (m) => this.setVringNum(m) }],
-      [R.SET_VRING_ADDR, { fds: 0, replies: false, handler: (m) => this.setVringAddr(m) }],
-      [R.SET_VRING_BASE, { fds: 0, replies: false, handler: (m) => this.setVringBase(m) }],
-      [R.GET_VRING_BASE, { fds: 0, replies: true, handler: (m) => this.getVringBase(m) }],
-      [R.SET_VRING_KICK, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'kickFd') }],
-      [R.SET_VRING_CALL, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'callFd') }],
-      [R.SET_VRING_ERR, { fds: 'any', replies: false, handler: (m) => this.setVringFd(m, 'errFd') }],
-      [R.SET_VRING_ENABLE, { fds: 0, replies: false, handler: (m) => this.setVringEnable(m) }],
-      [R.SET_BACKEND_REQ_FD, { fds: 1, replies: false, handler: (m) => this.setBackendReqFd(m) }],
+      [R.GET_CONFIG, on({ fds: 0, decode: config, replies: true, requires: P.CONFIG, errorReply: () => encodeReply(R.GET_CONFIG) }, (c) => this.getConfig(c))],
+      [R.SET_CONFIG, on({ fds: 0, decode: config, requires: P.CONFIG }, (c) => this.setConfig(c))],
+      [R.SET_VRING_NUM, on({ fds: 0, decode: vringState }, (v) => this.setVringNum(v.index, v.num))],
+      [R.SET_VRING_ADDR, on({ fds: 0, decode: (m) => decodeVringAddr(m.payload) }, (a) => this.setVringAddr(a))],
+      [R.SET_VRING_BASE, on({ fds: 0, decode: vringState }, (v) => this.setVringBase(v.index, v.num))],
+      [R.GET_VRING_BASE, on({ fds: 0, decode: vringState, replies: true }, (v) => this.getVringBase(v.index))],
+      [R.SET_VRING_KICK, on({ fds: 'any', decode: vringFd }, (v, m) => this.setVringFd(v.index, v.noFd, m, 'kickFd'))],
+      [R.SET_VRING_CALL, on({ fds: 'any', decode: vringFd }, (v, m) => this.setVringFd(v.index, v.noFd, m, 'callFd'))],
+      [R.SET_VRING_ERR, on({ fds: 'any', decode: vringFd }, (v, m) => this.setVringFd(v.index, v.noFd, m, 'errFd'))],
+      [R.SET_VRING_ENABLE, on({ fds: 0, decode: vringState }, (v) => this.setVringEnable(v.index, v.num))],
+      [R.SET_BACKEND_REQ_FD, on({ fds: 1, decode: empty, requires: P.BACKEND_REQ }, (_, m) => this.setBackendReqFd(m))],
       // QEMU takes a zero-sized reply as "no inflight tracking" and goes on without it.
-      [R.GET_INFLIGHT_FD, { fds: 0, replies: true, handler: (m) => this.getInflightFd(m), errorReply: () => encodeReplyInflight({ mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0 }) }],
-      [R.SET_INFLIGHT_FD, { fds: 1, replies: false, handler: (m) => this.setInflightFd(m) }],
+      [R.GET_INFLIGHT_FD, on({
+        fds: 0, decode: inflight, replies: true, requires: P.INFLIGHT_SHMFD,
+        errorReply: () => encodeReplyInflight({ mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0 }),
+      }, (d) => this.getInflightFd(d))],
+      [R.SET_INFLIGHT_FD, on({ fds: 1, decode: inflight, requires: P.INFLIGHT_SHMFD }, (d, m) => this.setInflightFd(d, m))],
+      // With LOG_SHMFD the frontend waits for a u64 reply (QEMU ignores its value; 0 here means the log is in use).
+      [R.SET_LOG_BASE, on({
+        fds: 1, decode: (m) => decodeLog(m.payload), requires: P.LOG_SHMFD,
+        errorReply: () => (this.negotiated(P.LOG_SHMFD) ? encodeReplyU64(R.SET_LOG_BASE, 1n) : undefined),
+      }, (d, m) => this.setLogBase(d, m))],
     ]);
   }
 
@@ -226,7 +268,10 @@ export class VhostUserSession {
     return { request: header.request, needReply: header.needReply, payload: body.data, fds };
   }
 
-  /** Runs the handler of one request and sends its reply or ack. Never throws for a bad request. */
+  /**
+   * Checks a request against its table entry (fds, protocol feature, payload), runs the handler with
+   * the decoded body and sends its reply or ack. Never throws for a bad request.
+   */
   private async dispatch(m: Message): Promise<void> {
     const name = requestName(m.request);
     const entry = this.handlers.get(m.request);
@@ -238,16 +283,19 @@ export class VhostUserSession {
         throw new Refusal(`${name} came with ${m.fds.length} file descriptors, expected ${entry.fds}`);
       }
       if (m.fds.length > MAX_FDS) throw new Refusal(`${name} came with ${m.fds.length} file descriptors`);
+      if (entry.requires !== undefined && !this.negotiated(entry.requires)) {
+        throw new Refusal(`VHOST_USER_PROTOCOL_F_${protocolFeatureName(entry.requires)} was not negotiated`);
+      }
+      const body = entry.decode(m);
       this.log.debug(`${this.name}: ${name} (${m.payload.length} bytes, ${m.fds.length} fds)`);
-      reply = await entry.handler(m);
+      reply = await entry.handle(body, m);
     } catch (err) {
       ok = false;
       for (const fd of m.fds) closeQuietly(fd);
       const why = err instanceof Refusal || err instanceof ProtocolError || err instanceof RangeError ? (err as Error).message : `internal error: ${(err as Error).stack ?? err}`;
       this.log.warn(`${this.name}: refused ${name}: ${why}`);
-      if (entry?.errorReply) {
-        reply = entry.errorReply(m);
-      } else if (entry?.replies) {
+      reply = entry?.errorReply?.(m);
+      if (reply === undefined && entry?.replies) {
         // The frontend waits for a reply body we cannot give: stop talking rather than let it hang.
         throw new Error(`cannot answer ${name}`);
       }
@@ -274,22 +322,34 @@ export class VhostUserSession {
     return (this.protocolFeatures & (1n << BigInt(protocolFeature))) !== 0n;
   }
 
-  private getFeatures(): Buffer {
-    return encodeReplyU64(R.GET_FEATURES, this.device.features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)));
+  private get offeredFeatures(): bigint {
+    return this.device.features | SESSION_FEATURES;
   }
 
-  private setFeatures(m: Message): void {
-    const wanted = decodeU64(m.request, m.payload);
-    const offered = this.device.features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES));
+  private get offeredProtocolFeatures(): bigint {
+    return this.device.protocolFeatures | SESSION_PROTOCOL_FEATURES;
+  }
+
+  /**
+   * SET_FEATURES. While rings run only VHOST_F_LOG_ALL may change (a migration starts or ends): that
+   * switches dirty logging and resets nothing. The ack waits until the data plane logs (or stopped).
+   */
+  private async setFeatures(wanted: bigint): Promise<void> {
+    const offered = this.offeredFeatures;
     if ((wanted & ~offered) !== 0n) throw new Refusal(`features 0x${(wanted & ~offered).toString(16)} were never offered`);
+    const running = this.vrings.findIndex((v) => v.running);
+    if (running >= 0 && ((wanted ^ this.features) & ~LOG_ALL) !== 0n) {
+      throw new Refusal(`vring ${running} is running; only VHOST_F_LOG_ALL may change (features 0x${((wanted ^ this.features) & ~LOG_ALL).toString(16)} differ)`);
+    }
+    await this.migrationLog.setLogAll((wanted & LOG_ALL) !== 0n);
     this.features = wanted;
     // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled from the start.
     if ((wanted & (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES))) === 0n) for (const v of this.vrings) v.enabled = true;
   }
 
-  private setProtocolFeatures(m: Message): void {
-    const wanted = decodeU64(m.request, m.payload);
-    if ((wanted & ~this.device.protocolFeatures) !== 0n) throw new Refusal(`protocol features 0x${(wanted & ~this.device.protocolFeatures).toString(16)} were never offered`);
+  private setProtocolFeatures(wanted: bigint): void {
+    const offered = this.offeredProtocolFeatures;
+    if ((wanted & ~offered) !== 0n) throw new Refusal(`protocol features 0x${(wanted & ~offered).toString(16)} were never offered`);
     this.protocolFeatures = wanted;
   }
 
@@ -299,8 +359,7 @@ export class VhostUserSession {
     return v;
   }
 
-  private setVringNum(m: Message): void {
-    const { index, num } = decodeVringState(m.request, m.payload);
+  private setVringNum(index: number, num: number): void {
     const v = this.vring(index);
     if (v.running) throw new Refusal(`vring ${index} is running`);
     // A packed ring may have any size (virtio 1.2, 2.8); a split ring needs a power of two (2.7). QEMU
@@ -310,15 +369,24 @@ export class VhostUserSession {
     v.size = num;
   }
 
-  private setVringAddr(m: Message): void {
-    const a = decodeVringAddr(m.payload);
+  /**
+   * SET_VRING_ADDR. On a running ring only VHOST_VRING_F_LOG may change (the addresses must be the
+   * same): QEMU sends that when a migration starts or ends, and waits for the ack before it relies on it.
+   */
+  private async setVringAddr(a: ReturnType<typeof decodeVringAddr>): Promise<void> {
     const v = this.vring(a.index);
-    if (v.running) throw new Refusal(`vring ${a.index} is running`);
-    v.addr = { desc: a.descUserAddr, avail: a.availUserAddr, used: a.usedUserAddr };
+    if ((a.flags & ~(1 << VHOST_VRING_F_LOG)) !== 0) throw new Refusal(`vring ${a.index} flags 0x${a.flags.toString(16)}: only VHOST_VRING_F_LOG (bit 0) is defined`);
+    const logUsed = (a.flags & (1 << VHOST_VRING_F_LOG)) !== 0 ? a.logGuestAddr : null;
+    const next = { desc: a.descUserAddr, avail: a.availUserAddr, used: a.usedUserAddr, logUsed };
+    if (v.running) {
+      const old = v.addr!;
+      if (old.desc !== next.desc || old.avail !== next.avail || old.used !== next.used) throw new Refusal(`vring ${a.index} is running; its addresses cannot change`);
+      if (old.logUsed !== logUsed) await this.device.setRingLog(a.index, logUsed);
+    }
+    v.addr = next;
   }
 
-  private setVringBase(m: Message): void {
-    const { index, num } = decodeVringState(m.request, m.payload);
+  private setVringBase(index: number, num: number): void {
     const v = this.vring(index);
     if (v.running) throw new Refusal(`vring ${index} is running`);
     // Packed rings carry both wrap counters and the used index too (RingStart.packed): all 32 bits count.
@@ -326,8 +394,7 @@ export class VhostUserSession {
     v.base = num;
   }
 
-  private async getVringBase(m: Message): Promise<Buffer> {
-    const { index } = decodeVringState(m.request, m.payload);
+  private async getVringBase(index: number): Promise<Buffer> {
     const v = this.vring(index);
     await this.stopRing(index, v);
     // The ring is stopped for good: its kick fd is no longer ours to watch.
@@ -336,8 +403,7 @@ export class VhostUserSession {
     return encodeReplyVringState(R.GET_VRING_BASE, index, v.base);
   }
 
-  private async setVringFd(m: Message, which: 'kickFd' | 'callFd' | 'errFd'): Promise<void> {
-    const { index, noFd } = decodeVringFd(m.request, m.payload);
+  private async setVringFd(index: number, noFd: boolean, m: Message, which: 'kickFd' | 'callFd' | 'errFd'): Promise<void> {
     const v = this.vring(index);
     if (m.fds.length !== (noFd ? 0 : 1)) throw new Refusal(`${requestName(m.request)} came with ${m.fds.length} file descriptors, expected ${noFd ? 0 : 1}`);
     const fd = noFd ? -1 : m.fds[0];
@@ -360,8 +426,7 @@ export class VhostUserSession {
     }
   }
 
-  private async setVringEnable(m: Message): Promise<void> {
-    const { index, num } = decodeVringState(m.request, m.payload);
+  private async setVringEnable(index: number, num: number): Promise<void> {
     const v = this.vring(index);
     if (num > 1) throw new Refusal(`SET_VRING_ENABLE state ${num} is neither 0 nor 1`);
     v.enabled = num === 1;
@@ -378,7 +443,7 @@ export class VhostUserSession {
       await this.device.startRing({
         queue: index, size: v.size, descUserAddr: v.addr.desc, availUserAddr: v.addr.avail, usedUserAddr: v.addr.used,
         lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, features: this.features, packed: this.packedRings,
-        inflight: this.inflightArea(index, v),
+        inflight: this.inflight.area(index, v.size, this.packedRings), logUsedAddr: v.addr.logUsed,
       });
     } catch (err) {
       throw new Refusal(`vring ${index} cannot start: ${(err as Error).message}`);
@@ -395,10 +460,9 @@ export class VhostUserSession {
     this.log.info(`${this.name}: vring ${index} stopped at avail index ${v.base}`);
   }
 
-  private async setMemTable(m: Message): Promise<void> {
-    const table = decodeMemTable(m.payload);
-    if (m.fds.length !== table.length) throw new Refusal(`SET_MEM_TABLE describes ${table.length} regions but came with ${m.fds.length} file descriptors`);
-    const mapped = this.mapAll(table, m.fds);
+  private async setMemTable(table: RegionDescriptor[], fds: number[]): Promise<void> {
+    if (fds.length !== table.length) throw new Refusal(`SET_MEM_TABLE describes ${table.length} regions but came with ${fds.length} file descriptors`);
+    const mapped = this.mapAll(table, fds);
     await this.replaceRegions(mapped);
   }
 
@@ -429,35 +493,37 @@ export class VhostUserSession {
     this.regions = next;
     for (const r of old) if (!next.includes(r)) unmapRegion(r);
     this.log.info(`${this.name}: memory table: ${next.map((r) => `[gpa 0x${r.region.guestAddr.toString(16)} +${r.region.size}]`).join(' ')}`);
+    this.migrationLog.checkCovers(this.guestEnd);
   }
 
-  private async addMemReg(m: Message): Promise<void> {
-    const region = decodeMemRegion(m.request, m.payload);
+  /** End of the highest guest memory region: what a dirty log must cover. */
+  private get guestEnd(): number {
+    return this.regions.reduce((end, r) => Math.max(end, r.region.guestAddr + r.region.size), 0);
+  }
+
+  private async addMemReg(region: RegionDescriptor, fds: number[]): Promise<void> {
     if (this.regions.length >= MAX_MEM_SLOTS) throw new Refusal(`all ${MAX_MEM_SLOTS} memory slots are in use`);
     const end = region.guestAddr + region.size;
     const clash = this.regions.find((r) => region.guestAddr < r.region.guestAddr + r.region.size && r.region.guestAddr < end);
     if (clash) throw new Refusal(`region [0x${region.guestAddr.toString(16)} +${region.size}] overlaps an existing one`);
-    const [mapped] = this.mapAll([region], m.fds);
+    const [mapped] = this.mapAll([region], fds);
     await this.replaceRegions([...this.regions, mapped]);
   }
 
-  private async remMemReg(m: Message): Promise<void> {
+  private async remMemReg(region: RegionDescriptor, fds: number[]): Promise<void> {
     // The spec lets a frontend send an fd here; it means nothing, so it is closed.
-    for (const fd of m.fds) closeQuietly(fd);
-    const region = decodeMemRegion(m.request, m.payload);
+    for (const fd of fds) closeQuietly(fd);
     const victim = this.regions.find((r) => r.region.guestAddr === region.guestAddr && r.region.size === region.size && r.region.userAddr === region.userAddr);
     if (!victim) throw new Refusal(`no region [0x${region.guestAddr.toString(16)} +${region.size}] to remove`);
     await this.replaceRegions(this.regions.filter((r) => r !== victim));
   }
 
-  private getConfig(m: Message): Buffer {
-    const c = decodeConfig(m.request, m.payload);
+  private getConfig(c: ReturnType<typeof decodeConfig>): Buffer {
     if (c.offset + c.size > MAX_CONFIG_SIZE) throw new Refusal(`GET_CONFIG range ${c.offset}+${c.size} exceeds ${MAX_CONFIG_SIZE}`);
     return encodeReplyConfig(c.offset, c.size, c.flags, this.device.getConfig(c.offset, c.size));
   }
 
-  private async setConfig(m: Message): Promise<void> {
-    const c = decodeConfig(m.request, m.payload);
+  private async setConfig(c: ReturnType<typeof decodeConfig>): Promise<void> {
     const err = await this.device.setConfig(c.offset, c.data, this.features);
     if (err) throw new Refusal(err);
   }
@@ -465,204 +531,50 @@ export class VhostUserSession {
   /** RESET_OWNER: the frontend gives the device up, and with it the backend request channel. */
   private async resetOwner(): Promise<void> {
     await this.reset();
-    this.closeBackendChannel();
+    this.channel.close();
   }
 
   /** SET_BACKEND_REQ_FD: keeps the frontend's socket for backend requests (replacing an earlier one). */
   private setBackendReqFd(m: Message): void {
-    decodeEmpty(m.request, m.payload);
-    if (!this.negotiated(ProtocolFeature.BACKEND_REQ)) throw new Refusal('VHOST_USER_PROTOCOL_F_BACKEND_REQ was not negotiated');
-    let isSocket: boolean;
-    try {
-      isSocket = fstatSync(m.fds[0]).isSocket();
-    } catch (err) {
-      throw new Refusal(`the file descriptor cannot be examined: ${(err as Error).message}`);
-    }
-    if (!isSocket) throw new Refusal('the file descriptor is not a socket');
-    this.closeBackendChannel();
-    this.backendChannel = new UnixConnection(m.fds[0]);
-    m.fds[0] = -1; // the channel owns it now
-    this.log.info(`${this.name}: backend request channel set up`);
-  }
-
-  private closeBackendChannel(): void {
-    this.backendChannel?.close();
-    this.backendChannel = null;
+    const fd = m.fds[0];
+    m.fds[0] = -1; // the channel takes it, kept or refused
+    this.channel.set(fd);
   }
 
   /** True while the frontend has given us a backend request channel. */
   get hasBackendChannel(): boolean {
-    return this.backendChannel !== null;
+    return this.channel.present;
   }
 
-  /**
-   * Tells the frontend that the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG): QEMU then
-   * reads it back with GET_CONFIG and, if the capacity changed, interrupts the guest. Resolves true once
-   * the frontend took it (acknowledged it, with REPLY_ACK); false without a channel or when it failed,
-   * which is logged. Never rejects, and never waits longer than BACKEND_REPLY_TIMEOUT_MS for a reply.
-   */
+  /** Tells the frontend the config space changed (CONFIG_CHANGE_MSG); see BackendChannel.notifyConfigChange. */
   notifyConfigChange(): Promise<boolean> {
-    const run = this.backendQueue.then(() => this.sendBackendRequest(BackendRequest.CONFIG_CHANGE_MSG));
-    this.backendQueue = run;
-    return run;
+    return this.channel.notifyConfigChange();
   }
 
-  private async sendBackendRequest(request: number): Promise<boolean> {
-    const channel = this.backendChannel;
-    const name = backendRequestName(request);
-    if (!channel || this.closed) {
-      this.log.info(`${this.name}: no backend request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ not set up); ${name} not sent`);
-      return false;
-    }
-    // Without REPLY_ACK the frontend never answers: asking for a reply would leave one unread forever.
-    const needReply = this.negotiated(ProtocolFeature.REPLY_ACK);
-    try {
-      channel.send(encodeBackendRequest(request, undefined, needReply));
-      if (needReply) {
-        const ack = await this.backendReply(channel, request);
-        if (ack !== 0n) {
-          this.log.warn(`${this.name}: the frontend answered ${name} with failure (${ack})`);
-          return false;
-        }
-      }
-      this.log.debug(`${this.name}: ${name} sent${needReply ? ' and acknowledged' : ''}`);
-      return true;
-    } catch (err) {
-      // A reply late, malformed or missing leaves the stream out of step: the channel is dropped.
-      this.log.warn(`${this.name}: ${name} failed: ${(err as Error).message}; backend request channel closed`);
-      if (this.backendChannel === channel) this.closeBackendChannel();
-      else channel.close();
-      return false;
-    }
-  }
-
-  /** Reads the u64 reply to a backend request within BACKEND_REPLY_TIMEOUT_MS. */
-  private async backendReply(channel: UnixConnection, request: number): Promise<bigint> {
-    let timedOut = false;
-    // Closing the channel ends a receive parked in poll(): the awaits below then see end of stream.
-    const timer = setTimeout(() => { timedOut = true; channel.close(); }, BACKEND_REPLY_TIMEOUT_MS);
-    const gone = () => new Error(timedOut ? `no reply within ${BACKEND_REPLY_TIMEOUT_MS} ms` : 'the frontend closed the channel');
-    try {
-      const head = await channel.recvExact(HEADER_SIZE);
-      if (!head) throw gone();
-      for (const fd of head.fds) closeQuietly(fd);
-      const h = decodeReplyHeader(head.data, 'backend');
-      if (h.request !== request) throw new Error(`the reply is for ${backendRequestName(h.request)}`);
-      const body = await channel.recvExact(h.size);
-      if (!body) throw gone();
-      for (const fd of body.fds) closeQuietly(fd);
-      if (body.data.length !== 8) throw new Error(`the reply payload is ${body.data.length} bytes, expected 8`);
-      return body.data.readBigUInt64LE(0);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  /**
-   * GET_INFLIGHT_FD: a new zero-filled memfd sized for the queues the frontend describes. The frontend
-   * keeps it and hands it back with SET_INFLIGHT_FD, to this process or to the next one after a restart.
-   * Queue regions are QueueRegionPacked when VIRTIO_F_RING_PACKED was negotiated (QEMU sends
-   * SET_FEATURES before this, for that reason), else QueueRegionSplit. A request that does not fit gets
-   * size 0 in the reply.
-   */
-  private getInflightFd(m: Message): HandlerResult {
-    const d = decodeInflight(m.payload, R.GET_INFLIGHT_FD);
-    if (!this.negotiated(ProtocolFeature.INFLIGHT_SHMFD)) throw new Refusal('VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated');
-    this.checkInflightShape(d.numQueues, d.queueSize);
-    const packed = this.packedRings;
-    const size = inflightRegionBytes(d.numQueues, d.queueSize, packed);
-    const fd = memfdCreate('vhost-blk-inflight', MFD_ALLOW_SEALING);
-    try {
-      ftruncate(fd, size);
-      // Sealed at its size for good: whoever holds the fd (the frontend, any later backend) can never
-      // shrink it under a process that has it mapped, which would die of SIGBUS on its next store.
-      addSeals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
-    } catch (err) {
-      closeQuietly(fd);
-      throw err;
-    }
-    this.log.info(`${this.name}: inflight region of ${size} bytes created for ${d.numQueues} ${packed ? 'packed' : 'split'} queues of ${d.queueSize}`);
+  /** GET_INFLIGHT_FD: a new region for the queues the frontend describes, in the negotiated ring layout. */
+  private getInflightFd(d: ReturnType<typeof decodeInflight>): HandlerResult {
+    const { size, fd } = this.inflight.create(d, this.packedRings);
     return { reply: encodeReplyInflight({ mmapSize: size, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize }), fds: [fd] };
   }
 
-  private checkInflightShape(numQueues: number, queueSize: number): void {
-    if (numQueues < 1 || numQueues > this.vrings.length) throw new Refusal(`inflight region for ${numQueues} queues (this device has ${this.vrings.length})`);
-    if (queueSize < 1 || queueSize > MAX_QUEUE_SIZE) throw new Refusal(`inflight queue size ${queueSize} is not in 1..${MAX_QUEUE_SIZE}`);
-  }
-
-  /**
-   * SET_INFLIGHT_FD: maps the region the frontend kept (sent before the rings start). Rings started from
-   * now on record their requests there, and the first start of each recovers what a previous backend left.
-   */
-  private setInflightFd(m: Message): void {
-    const d = decodeInflight(m.payload, R.SET_INFLIGHT_FD);
-    if (!this.negotiated(ProtocolFeature.INFLIGHT_SHMFD)) throw new Refusal('VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated');
+  /** SET_INFLIGHT_FD: the region rings record their requests in (sent before the rings start). */
+  private setInflightFd(d: ReturnType<typeof decodeInflight>, m: Message): void {
     const running = this.vrings.findIndex((v) => v.running);
     if (running >= 0) throw new Refusal(`vring ${running} is running; the inflight region can only change while every ring is stopped`);
-    this.checkInflightShape(d.numQueues, d.queueSize);
-    const need = inflightRegionBytes(d.numQueues, d.queueSize, this.packedRings);
-    if (d.mmapSize < need) throw new Refusal(`inflight region of ${d.mmapSize} bytes, ${d.numQueues} queues of ${d.queueSize} need ${need}`);
-    // The per-queue views are typed arrays over u64/u32/u16 fields.
-    if (d.mmapOffset % 8 !== 0) throw new Refusal(`inflight region offset ${d.mmapOffset} is not 8-byte aligned`);
     const fd = m.fds[0];
-    m.fds[0] = -1; // mapRegion closes it, mapped or not
-    this.sealInflightFd(fd);
-    let mapping: RegionMapping;
-    try {
-      mapping = mapRegion({ guestAddr: 0, size: d.mmapSize, userAddr: 0, mmapOffset: d.mmapOffset }, fd);
-    } catch (err) {
-      throw new Refusal(`mapping the inflight region failed: ${(err as Error).message}`);
-    }
-    this.dropInflight();
-    this.inflight = { mapping, numQueues: d.numQueues, queueSize: d.queueSize };
-    this.log.info(`${this.name}: inflight region set: ${d.mmapSize} bytes for ${d.numQueues} queues of ${d.queueSize}`);
+    m.fds[0] = -1; // the region takes it, mapped or refused
+    this.inflight.set(d, fd, this.packedRings);
   }
 
-  /**
-   * The region we map must not shrink under us (a store past its end is a SIGBUS that kills the daemon).
-   * Our own GET_INFLIGHT_FD fds come sealed; one from elsewhere (an older vhost-blk, another backend) is
-   * sealed here if it allows it, and otherwise taken with a warning: refusing it would fail QEMU's device
-   * start and lose the requests a restart is meant to save. Guest memory fds carry the same exposure.
-   */
-  private sealInflightFd(fd: number): void {
-    let seals: number;
-    try {
-      seals = getSeals(fd);
-    } catch {
-      seals = 0; // not a memfd or shmem file: it cannot carry seals
-    }
-    if ((seals & F_SEAL_SHRINK) !== 0) return;
-    try {
-      addSeals(fd, F_SEAL_SHRINK);
-    } catch (err) {
-      this.log.warn(`${this.name}: the inflight region's fd cannot be sealed against shrinking (${(err as Error).message}); ` +
-        'a frontend that truncates it would crash this daemon');
-    }
+  /** SET_LOG_BASE: the dirty log of a migration; replied to with 0 once the data plane logs into it (if LOG_ALL is on). */
+  private async setLogBase(d: ReturnType<typeof decodeLog>, m: Message): Promise<Buffer> {
+    const fd = m.fds[0];
+    m.fds[0] = -1; // the log takes it, mapped or refused
+    await this.migrationLog.setBase(d, fd, this.guestEnd);
+    return encodeReplyU64(R.SET_LOG_BASE, 0n);
   }
 
-  /** Queue `index`'s part of the inflight region, laid out for the negotiated ring type, or null when this ring is not tracked. */
-  private inflightArea(index: number, v: Vring): InflightArea | null {
-    const f = this.inflight;
-    if (!f) return null;
-    const bytes = inflightQueueBytes(f.queueSize, this.packedRings);
-    // The size was checked at SET_INFLIGHT_FD for the ring type then; features may have changed since.
-    const mapped = f.mapping.region.size;
-    if (index >= f.numQueues || v.size > f.queueSize || (index + 1) * bytes > mapped) {
-      this.log.warn(`${this.name}: vring ${index} (size ${v.size}) is outside the inflight region (${f.numQueues} queues of ${f.queueSize}, ` +
-        `${mapped} bytes); its requests are not tracked`);
-      return null;
-    }
-    return { hostAddr: f.mapping.hostAddr + index * bytes, bytes, queueSize: f.queueSize };
-  }
-
-  /** Unmaps the inflight region; only once no ring runs (workers write to it). */
-  private dropInflight(): void {
-    if (!this.inflight) return;
-    unmapRegion(this.inflight.mapping);
-    this.inflight = null;
-  }
-
-  /** RESET_OWNER / RESET_DEVICE: stop every ring and forget ring state, features and the inflight region. */
+  /** RESET_OWNER / RESET_DEVICE: stop every ring and forget ring state, features, the inflight region and the dirty log. */
   private async reset(): Promise<void> {
     for (let i = 0; i < this.vrings.length; i++) {
       const v = this.vrings[i];
@@ -671,8 +583,9 @@ export class VhostUserSession {
       this.vrings[i] = newVring();
     }
     this.features = 0n;
+    await this.migrationLog.reset();
     // A reset device starts over with fresh rings; QEMU gets a new region (and sends it) before it restarts.
-    this.dropInflight();
+    this.inflight.drop();
   }
 
   /** After the connection ends: stop rings (in-flight requests finish), unmap memory, close fds. */
@@ -680,7 +593,7 @@ export class VhostUserSession {
     if (this.closed) return;
     this.closed = true;
     this.conn.close();
-    this.closeBackendChannel();
+    this.channel.close();
     for (let i = 0; i < this.vrings.length; i++) {
       try {
         await this.stopRing(i, this.vrings[i]);
@@ -688,6 +601,11 @@ export class VhostUserSession {
         this.log.error(`${this.name}: stopping vring ${i} failed: ${(err as Error).message}`);
       }
       closeVringFds(this.vrings[i]);
+    }
+    try {
+      await this.migrationLog.reset();
+    } catch (err) {
+      this.log.error(`${this.name}: stopping the dirty log failed: ${(err as Error).message}`);
     }
     try {
       await this.device.setMemory([]);
@@ -698,7 +616,7 @@ export class VhostUserSession {
     this.regions = [];
     // A ring that failed to stop may still write to the region: leaving it mapped costs only address space.
     if (this.vrings.some((v) => v.running)) this.log.error(`${this.name}: a vring is still running; the inflight region stays mapped`);
-    else this.dropInflight();
+    else this.inflight.drop();
   }
 }
 

@@ -22,6 +22,7 @@
  * and every used descriptor is bracketed by the tracker's updates, one at a time.
  */
 
+import type { DirtyLog } from "../memory/dirty-log.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { PackedInflightQueue, PackedInflightRecovery, RecoveredChain } from "./packed-inflight.js";
 import {
@@ -118,6 +119,13 @@ export class PackedQueue implements VirtQueue {
   private resubmit: RecoveredChain[] = [];
   private resubmitPos = 0;
 
+  /** While migrating with VHOST_VRING_F_LOG: the log our ring writes are marked in, else null. */
+  private ringLog: DirtyLog | null = null;
+  /** Guest address of the descriptor ring, where used descriptors are logged. */
+  private readonly descGpa: number;
+  /** Guest address the device event suppression area is logged at (log_guest_addr). */
+  private deviceLogAddr = 0;
+
   /** Throws RangeError with a clear message if size or base is invalid, or any ring part is misaligned or not wholly inside ONE guest memory region. */
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, opts: QueueOptions, base: number) {
     if (!HOST_IS_LITTLE_ENDIAN) throw new RangeError("PackedQueue needs a little-endian host: ring views are native typed arrays");
@@ -145,6 +153,7 @@ export class PackedQueue implements VirtQueue {
     this.regionViews = mem.regions.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
     this.slotsOf = new Uint16Array(size);
 
+    this.descGpa = addrs.descAddr;
     this.availPos = state.availIdx;
     this.availWrap = state.availWrap ? 1 : 0;
     this.usedPos = state.usedIdx;
@@ -363,6 +372,8 @@ export class PackedQueue implements VirtQueue {
     const flags = (wrap === 1 ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0) | (writtenLen > 0 ? VIRTQ_DESC_F_WRITE : 0);
     // Release: id and len above must be visible before the driver can see the flags.
     Atomics.store(this.desc16, 8 * pos + 7, flags);
+    // Migration: the used descriptor's page once all of it is written (the flags store publishes it).
+    if (this.ringLog !== null) this.ringLog.mark(this.descGpa + 16 * pos, 16);
     if (inflight !== null) inflight.afterUsed(id);
     this.slotsOf[id] = 0;
     this.outstanding -= slots;
@@ -397,6 +408,13 @@ export class PackedQueue implements VirtQueue {
   /** Asks the driver to stop kicking while we are busy polling the queue anyway. */
   disableNotifications(): void {
     Atomics.store(this.deviceEvent, 1, RING_EVENT_FLAGS_DISABLE);
+    if (this.ringLog !== null) this.ringLog.mark(this.deviceLogAddr, 4);
+  }
+
+  /** Marks used descriptors and device event area writes in `log` (null: stop), the area logged at `usedLogAddr`. */
+  setRingLog(log: DirtyLog | null, usedLogAddr: number): void {
+    this.ringLog = log;
+    this.deviceLogAddr = usedLogAddr;
   }
 
   /** Re-arms driver kicks; returns true if buffers are already available (a kick may have been suppressed: keep processing). */
@@ -408,6 +426,7 @@ export class PackedQueue implements VirtQueue {
     } else {
       Atomics.store(this.deviceEvent, 1, RING_EVENT_FLAGS_ENABLE);
     }
+    if (this.ringLog !== null) this.ringLog.mark(this.deviceLogAddr, 4);
     // The store above is a full fence, so this re-read cannot miss a buffer added before the driver read the area.
     return this.hasAvailable();
   }

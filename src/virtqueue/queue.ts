@@ -5,6 +5,7 @@
  * guest memory.
  */
 
+import type { DirtyLog } from "../memory/dirty-log.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 
 /** Largest queue size either layout allows (virtio 1.2, 2.7 and 2.8). */
@@ -95,6 +96,12 @@ export interface VirtQueue {
   disableNotifications(): void;
   /** Re-arms driver kicks; returns true if buffers are already available (a kick may have been suppressed). */
   enableNotifications(): boolean;
+  /**
+   * Marks the ring's own writes (used ring, event fields; packed: used descriptors) in `log` from now on,
+   * or stops (null): VHOST_VRING_F_LOG during migration. `usedLogAddr` is the guest address the used ring
+   * (split) or device event area (packed) is logged at, SET_VRING_ADDR's log_guest_addr.
+   */
+  setRingLog(log: DirtyLog | null, usedLogAddr: number): void;
 }
 
 /** True when typed arrays use little-endian order, which the ring views rely on. */

@@ -12,6 +12,7 @@
  * guest fields). Atomics works on non-shared typed arrays too, so plain mmap'ed ArrayBuffers are fine.
  */
 
+import type { DirtyLog } from "../memory/dirty-log.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { InflightQueue, InflightRecovery } from "./inflight.js";
 import {
@@ -89,6 +90,11 @@ export class SplitQueue implements VirtQueue {
   /** Heads a previous backend took and never completed, oldest first: popChain hands them out before new ones. */
   private resubmit: Uint16Array = new Uint16Array(0);
   private resubmitPos = 0;
+
+  /** While migrating with VHOST_VRING_F_LOG: the log our used ring writes are marked in, else null. */
+  private ringLog: DirtyLog | null = null;
+  /** Guest address the used ring is logged at (log_guest_addr). */
+  private usedLogAddr = 0;
 
   /** Throws RangeError with a clear message if size is not a power of two in 1..32768, or any ring part is misaligned or not wholly inside ONE guest memory region. */
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, opts: SplitQueueOptions, lastAvailIdx: number) {
@@ -217,6 +223,17 @@ export class SplitQueue implements VirtQueue {
     return r;
   }
 
+  /** Marks used ring writes in `log` (null: stop), the used ring logged at guest address `usedLogAddr`. */
+  setRingLog(log: DirtyLog | null, usedLogAddr: number): void {
+    this.ringLog = log;
+    this.usedLogAddr = usedLogAddr;
+  }
+
+  /** Marks bytes [offset, offset+len) of the used ring dirty, when the ring is logged. */
+  private logUsed(offset: number, len: number): void {
+    if (this.ringLog !== null) this.ringLog.mark(this.usedLogAddr + offset, len);
+  }
+
   /** Marks the ring unusable: the guest broke an invariant we cannot recover from without a reset. */
   private breakRing(reason: string): number {
     this.broken = true;
@@ -317,8 +334,11 @@ export class SplitQueue implements VirtQueue {
     this.used32[e] = head;
     this.used32[e + 1] = writtenLen >>> 0;
     this.nextUsed = (u + 1) & 0xffff;
+    // Migration: the element is logged before the index publishes it, the index once it is written.
+    if (this.ringLog !== null) this.logUsed(4 * e, 8);
     // Release: the element above must be visible before the driver can see the new index.
     Atomics.store(this.used16, 1, this.nextUsed);
+    if (this.ringLog !== null) this.logUsed(2, 2);
     if (inflight !== null) inflight.afterUsed(head, this.nextUsed);
   }
 
@@ -348,12 +368,20 @@ export class SplitQueue implements VirtQueue {
     // cross it (vring_need_event is false), so it does not kick; left at lastAvail it would.
     if (this.eventIdx) Atomics.store(this.used16, this.availEventIndex, (this.lastAvail - 1) & 0xffff);
     else Atomics.store(this.used16, 0, VRING_USED_F_NO_NOTIFY);
+    if (this.ringLog !== null) this.logNotifyField();
+  }
+
+  /** Marks the field enable/disableNotifications writes: avail_event with EVENT_IDX, else used.flags. */
+  private logNotifyField(): void {
+    if (this.eventIdx) this.logUsed(2 * this.availEventIndex, 2);
+    else this.logUsed(0, 2);
   }
 
   /** Re-arms driver kicks; returns true if buffers are already available (a kick may have been suppressed: keep processing). */
   enableNotifications(): boolean {
     if (this.eventIdx) Atomics.store(this.used16, this.availEventIndex, this.lastAvail);
     else Atomics.store(this.used16, 0, 0);
+    if (this.ringLog !== null) this.logNotifyField();
     // The store above is a full fence, so this re-read cannot miss a buffer added before the driver saw it.
     return this.hasAvailable();
   }

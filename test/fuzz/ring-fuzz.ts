@@ -32,6 +32,7 @@ import {
   VIRTQ_DESC_F_WRITE as WRITE, type DescriptorChain, type RingAddresses,
 } from '../../src/virtqueue/queue.js';
 import { InflightQueue, inflightQueueBytes } from '../../src/virtqueue/inflight.js';
+import { DirtyLog, dirtyLogBytes } from '../../src/memory/dirty-log.js';
 import { PackedInflightQueue } from '../../src/virtqueue/packed-inflight.js';
 import { GuestSpace, type RegionPlan } from './guest-space.js';
 import { Prng } from './prng.js';
@@ -137,6 +138,11 @@ export interface RingScenario {
   overlapRings: boolean;
   /** The queue records its requests in an inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). */
   inflight: boolean;
+  /**
+   * Migration: every write into guest memory is marked in a dirty log, ring writes too (VHOST_VRING_F_LOG);
+   * after each step every changed byte's page must be marked. Not with base 2 (a bitmap up to 2^53 is too big).
+   */
+  dirtyLog?: boolean;
   /** Where the queue starts: the last avail index (split) or avail slot and wrap (packed). */
   startIdx: number;
   /** used.idx at start when it differs from the avail index (a reconnect), else null. */
@@ -215,6 +221,7 @@ export const ringScenarioArb: fc.Arbitrary<RingScenario> = fc.record({
   ringSpare: fc.oneof({ weight: 1, arbitrary: fc.nat({ max: 256 }) }, { weight: 3, arbitrary: fc.integer({ min: 4096, max: 16384 }) }),
   overlapRings: fc.oneof({ weight: 19, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
   inflight: fc.boolean(),
+  dirtyLog: fc.boolean(),
   startIdx: fc.oneof(fc.constant(0), fc.constant(0xfffe), fc.nat({ max: 0xffff })),
   usedStart: fc.option(fc.nat({ max: 0xffff }), { freq: 8 }),
   seed: u32,
@@ -306,6 +313,13 @@ export class RingHarness {
   readonly queue: SplitQueue | PackedQueue;
   /** The inflight region when the scenario tracks requests, else null. */
   private readonly region: Uint8Array | null = null;
+  /** The dirty log when the scenario migrates, else null. */
+  private readonly dirtyLog: DirtyLog | null = null;
+  /**
+   * Read data the fake disk put in guest memory for requests not finished yet: a short read's first part
+   * is marked when the whole read completes (after all of it landed), so it is checked then.
+   */
+  private landed: { gpa: number; len: number; req: ChainRecord }[] = [];
   /** The request processor under test. */
   readonly proc: BlkRequestProcessor;
   /** The recording fake disk. */
@@ -403,6 +417,12 @@ export class RingHarness {
         ? this.queue.trackInflight(new PackedInflightQueue(this.region, size, size))
         : this.queue.trackInflight(new InflightQueue(this.region, size, size));
       check(!r.recovered, 'a fresh inflight region was taken for a previous backend\'s');
+    }
+    if (s.dirtyLog && s.base !== 2) {
+      const end = plans.reduce((e, p) => Math.max(e, p.guestAddr + p.size), 0);
+      this.dirtyLog = new DirtyLog(new Uint8Array(dirtyLogBytes(end)));
+      this.space.mem.dirtyLog = this.dirtyLog;
+      this.queue.setRingLog(this.dirtyLog, this.addrs.usedAddr);
     }
     this.instrument();
   }
@@ -1173,8 +1193,20 @@ export class RingHarness {
       for (let k = 0; k < take; k++) bytes[k] = (seq * 31 + k) & 0xff;
       this.space.write(v.gpa, bytes);
       this.allow(v.gpa, take);
+      if (this.dirtyLog !== null) this.landed.push({ gpa: v.gpa, len: take, req: p.req });
       left -= take;
     }
+  }
+
+  /** Read data of requests completed since: every page of it must be marked by now. */
+  private checkLandedReads(): void {
+    for (const l of this.landed) {
+      if (!l.req.done) continue;
+      for (let a = l.gpa; a < l.gpa + l.len; a++) {
+        check(this.dirtyLog!.isDirty(a), `read data at guest ${hex(a)} (request at head ${l.req.head}) completed but its page is not marked in the dirty log`);
+      }
+    }
+    this.landed = this.landed.filter((l) => !l.req.done);
   }
 
   /** After a device step: nothing written but what was allowed, guards intact, no request lost. */
@@ -1185,7 +1217,12 @@ export class RingHarness {
       let ok = false;
       for (let k = 0; k < allowed.length && !ok; k += 2) ok = gpa >= allowed[k] && gpa < allowed[k + 1];
       check(ok, `the device wrote guest byte ${hex(gpa)}, which is no status byte, used ring entry or read buffer`);
+      // Migration: a changed byte whose page is not marked would be stale on the destination.
+      if (this.dirtyLog !== null && !this.landed.some((l) => !l.req.done && gpa >= l.gpa && gpa < l.gpa + l.len)) {
+        check(this.dirtyLog.isDirty(gpa), `guest byte ${hex(gpa)} changed but its page is not marked in the dirty log`);
+      }
     }
+    if (this.dirtyLog !== null) this.checkLandedReads();
     for (const req of this.open) {
       check(this.pending.some((p) => p.req === req), `the request at head ${req.head} is neither completed nor in flight`);
     }

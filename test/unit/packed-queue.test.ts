@@ -740,6 +740,8 @@ class RecordingDevice implements VhostUserDevice {
     return this.stopBase;
   }
   async setCallFd(): Promise<void> {}
+  async setDirtyLog(): Promise<void> {}
+  async setRingLog(): Promise<void> {}
 }
 
 describe("vhost-user session: packed vring base", () => {
