@@ -23,6 +23,7 @@ function describeLeg(l: LegResult): string {
 /** Everything a good migration leg must show. */
 function assertLegPassed(l: LegResult): void {
   const what = describeLeg(l);
+  assert.equal(l.figures.ram.differingPages, 0, `the destination's RAM is the source's: ${l.figures.ram.summary}\n${what}`);
   assert.ok(l.verdict.pass, `the guest's checks pass on the destination: ${what}`);
   assert.ok(l.verdict.rechecksFromCache > 0 && l.verdict.fioRuns > 0, `the guest re-checked from its page cache and ran fio: ${what}`);
   assert.equal(l.ioErrors, '', `the guest kernel logged no I/O error (${what})`);
@@ -40,7 +41,7 @@ const CASES: Array<{ name: string; opts: MigrationOptions }> = [
 ];
 
 for (const c of CASES) {
-  test(`${c.name}: live migration A -> B -> A under verified writes and page-cache reads`, { timeout: 300_000 }, () =>
+  test(`${c.name}: live migration A -> B -> A under verified writes and page-cache reads`, { timeout: 600_000 }, () =>
     runScenario(`migrate-${c.opts.backend}${c.opts.packed ? '-packed' : ''}`, MIGRATION_TOOLS, async (s) => {
       const result = await runMigrationScenario(s, { ...c.opts, log: (l) => log(`${c.name}: ${l}`) });
       runs.push({ name: c.name, result });
@@ -49,7 +50,7 @@ for (const c of CASES) {
     }));
 }
 
-test('negative: a source daemon that does not log the pages its reads write (VHOST_BLK_TEST_UNLOGGED_READS=1): the guest sees stale data', { timeout: 300_000 }, () =>
+test('negative: a source daemon that does not log the pages its reads write (VHOST_BLK_TEST_UNLOGGED_READS=1): the guest sees stale data', { timeout: 600_000 }, () =>
   runScenario('migrate-unlogged', MIGRATION_TOOLS, async (s) => {
     const result = await runMigrationScenario(s, {
       backend: 'vhost-blk',

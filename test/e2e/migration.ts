@@ -12,9 +12,13 @@
 // send them again, and the destination's page cache holds what those pages held before. The re-check
 // that runs on the destination sees exactly that. The guest prints one MIGTEST_VERDICT line on its
 // serial console, which by then is the destination QEMU's.
+// Before the destination runs (it starts with -S), the test also dumps both VMs' RAM (pmemsave) and
+// compares them page by page: any page that differs was written on the source and never sent again,
+// whatever the guest would have made of it.
 
 import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
 
 import { QmpClient, QmpError } from './qmp.js';
 import {
@@ -219,6 +223,84 @@ export interface MigrationFigures {
   transferredBytes: number;
   /** Wall-clock time the test saw, from `migrate` to `completed`. */
   wallMs: number;
+  /** Source and destination RAM compared right after the migration, both VMs stopped. */
+  ram: RamComparison;
+}
+
+/** Pages of guest RAM that differ between the stopped source and the destination before it runs. */
+export interface RamComparison {
+  pages: number;
+  differingPages: number;
+  /** The differing pages that hold, on the source, a 4 KiB block of the known data (a read's data, not re-sent). */
+  knownDataPages: number;
+  /** Up to 8 differing page ranges (guest physical addresses) with what the source and the destination hold there. */
+  summary: string;
+}
+
+/**
+ * Dumps the RAM of both stopped VMs (QMP pmemsave: guest physical addresses 0..memoryMiB) and compares
+ * them page by page. The source has stopped for good and the destination was started with -S and has not
+ * run yet, and neither backend writes now (the source's rings were stopped before the last sync, the
+ * destination's start when it runs): whatever differs was written on the source and never sent again.
+ */
+async function compareRam(src: Vm, to: { qmp: QmpClient }, memoryMiB: number, dir: string): Promise<RamComparison> {
+  const size = memoryMiB * MiB;
+  const files = [path.join(dir, 'ram-source.bin'), path.join(dir, 'ram-destination.bin')];
+  try {
+    await src.qmp.execute('pmemsave', { val: 0, size, filename: files[0] }, 120_000);
+    await to.qmp.execute('pmemsave', { val: 0, size, filename: files[1] }, 120_000);
+    const known = knownBlocks();
+    const classify = (b: Buffer) => (b.every((x) => x === 0) ? 'zeros' : known.has(md5(b)) ? 'known data' : 'other data');
+    const [a, b] = await Promise.all(files.map((f) => fsp.readFile(f)));
+    if (a!.length !== size || b!.length !== size) throw new Error(`pmemsave wrote ${a!.length} and ${b!.length} bytes, expected ${size}`);
+    const PAGE = 4096;
+    let differing = 0;
+    let knownData = 0;
+    const ranges: string[] = [];
+    let runStart = -1;
+    let runWhat = '';
+    const flush = (end: number) => {
+      if (runStart >= 0 && ranges.length < 8) ranges.push(`0x${runStart.toString(16)}-0x${(end - 1).toString(16)} (source: ${runWhat})`);
+      runStart = -1;
+    };
+    for (let off = 0; off < size; off += PAGE) {
+      const pa = a!.subarray(off, off + PAGE);
+      const pb = b!.subarray(off, off + PAGE);
+      if (pa.equals(pb)) {
+        flush(off);
+        continue;
+      }
+      differing++;
+      const what = `${classify(pa)}, destination: ${classify(pb)}`;
+      if (what.startsWith('known data')) knownData++;
+      if (runStart >= 0 && !runWhat.startsWith(what)) flush(off);
+      if (runStart < 0) {
+        runStart = off;
+        // Where in the page, and the bytes there: tells a ring index or status byte from a data block.
+        let i = 0;
+        while (pa[i] === pb[i]) i++;
+        const d = i - (i % 16);
+        runWhat = `${what}; first difference at +0x${i.toString(16)}: source ${pa.subarray(d, d + 16).toString('hex')}, destination ${pb.subarray(d, d + 16).toString('hex')}`;
+      }
+    }
+    flush(size);
+    return { pages: size / PAGE, differingPages: differing, knownDataPages: knownData, summary: ranges.join('; ') || 'none' };
+  } finally {
+    for (const f of files) await fsp.rm(f, { force: true });
+  }
+}
+
+let knownBlockSet: Set<string> | undefined;
+/** md5 of every 4 KiB block of the known regions. */
+function knownBlocks(): Set<string> {
+  if (!knownBlockSet) {
+    knownBlockSet = new Set();
+    for (let i = 0; i < KNOWN.length; i++) {
+      const d = knownData(i);
+      for (let o = 0; o < d.length; o += 4096) knownBlockSet.add(md5(d.subarray(o, o + 4096)));
+    }
+  }
+  return knownBlockSet;
 }
 
 interface QueryMigrate {
@@ -275,7 +357,9 @@ export interface MigrationResult {
   legs: LegResult[];
 }
 
-const MIGRATE_TIMEOUT_MS = 240_000;
+const MIGRATE_TIMEOUT_MS = 120_000;
+/** From the stop request to the guest's verdict: the last fio run and read step finish (a few s normally). */
+const VERDICT_TIMEOUT_MS = 90_000;
 
 /**
  * What runMigrationScenario() uses unless told otherwise. The initramfs leaves about 200 MiB of the
@@ -338,7 +422,7 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
       // The destination: same machine, its disk on the other backend, waiting for the migration stream.
       const qd = qmpArgs();
       const dest = await step(`${name}: start the destination QEMU`, () =>
-        s.incoming({ socket: sockets[to], memoryMiB, extraDeviceArgs: deviceArgs, extraQemuArgs: qd.args }));
+        s.incoming({ socket: sockets[to], memoryMiB, extraDeviceArgs: deviceArgs, extraQemuArgs: [...qd.args, '-S'] }));
       const destQmp = await step(`${name}: QMP of the destination`, () => QmpClient.connect(qd.path));
       qmps.push(destQmp);
       const uri = `unix:${s.path(`migrate-${leg}.sock`)}`;
@@ -348,7 +432,7 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
       await step(`${name}: start the guest workload`, () => vm.guest.check(`sh /tmp/mig.sh ${leg} </dev/null >/dev/null 2>&1 &`));
       await step(`${name}: the workload runs`, () => waitGuest(vm.guest, `[ -f /tmp/mig${leg}/reads ] && [ -s /tmp/mig${leg}/fio.1.log ]`, 60_000));
 
-      const figures = await step(`${name}: migrate`, () => migrate(vm, { guest: dest, qmp: destQmp }, uri, opts, log, name));
+      const figures = await step(`${name}: migrate`, () => migrate(vm, { guest: dest, qmp: destQmp }, uri, opts, log, name, s.tmp.path));
       log(`${name}: completed in ${figures.totalTimeMs} ms, downtime ${figures.downtimeMs} ms, ${figures.dirtySyncCount} dirty syncs, ${(figures.transferredBytes / MiB).toFixed(1)} MiB`);
 
       // The source has nothing left to do: it quits and lets go of its backend.
@@ -369,7 +453,8 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
         waitGuest(vm.guest, `[ $(cat /tmp/mig${leg}/reads) -ge ${before + 2} ]`, 60_000));
       await vm.guest.check(`touch /tmp/mig${leg}/stop`);
       const line = await step(`${name}: the guest's verdict on the destination's console`, () =>
-        vm.guest.waitForConsole(new RegExp(`MIGTEST_VERDICT leg=${leg} `), 300_000, `MIGTEST_VERDICT leg=${leg} from the guest`));
+        vm.guest.waitForConsole(new RegExp(`MIGTEST_VERDICT leg=${leg} `), VERDICT_TIMEOUT_MS, `MIGTEST_VERDICT leg=${leg} from the guest`)
+          .catch(async (e: Error) => { throw new Error(`${e.message}\n${await guestStateReport(vm.guest, leg)}`); }));
       const verdict: GuestVerdict = { ...parseVerdict(line.slice(line.indexOf('MIGTEST_VERDICT'))), details: '' };
       if (!verdict.pass) verdict.details = await guestFailureDetails(vm.guest, leg);
       log(`${name}: ${verdict.line}`);
@@ -431,6 +516,17 @@ async function waitBackendIdle(d: DaemonHandle, kind: MigrationOptions['backend'
   }
 }
 
+/** What the guest's workload was doing, for a timeout message (the shell answers even if the disk hangs). */
+async function guestStateReport(guest: Guest, leg: number): Promise<string> {
+  const r = await guest.run(
+    `D=/tmp/mig${leg}; echo "reads: $(cat $D/reads 2>/dev/null)"; echo "fio runs: $(cat $D/fio.runs 2>/dev/null | tr '\\n' ' ')"; ` +
+      `n=$(ls $D | grep -c '^fio\\..*\\.log$'); echo "--- last fio log ($n) ---"; tail -5 $D/fio.$n.log; ` +
+      `echo "--- vda stat / inflight ---"; cat /sys/block/vda/stat /sys/block/vda/inflight; ps | grep -E "fio|dd|md5" | grep -v grep`,
+    20_000,
+  ).catch((e: Error) => ({ status: -1, output: `(the guest shell does not answer: ${e.message.split('\n')[0]})` }));
+  return `--- state of the guest's workload ---\n${r.output}`;
+}
+
 /** The guest's mismatch descriptions and the log of a failed fio run, for the report. */
 async function guestFailureDetails(guest: Guest, leg: number): Promise<string> {
   const r = await guest.run(
@@ -446,7 +542,9 @@ async function guestFailureDetails(guest: Guest, leg: number): Promise<string> {
  * until it completes (throws with QEMU's error-desc if it fails, cancels it on timeout); waits until the
  * destination runs the guest.
  */
-async function migrate(src: Vm, to: { guest: Guest; qmp: QmpClient }, uri: string, opts: MigrationOptions, log: (l: string) => void, name: string): Promise<MigrationFigures> {
+async function migrate(
+  src: Vm, to: { guest: Guest; qmp: QmpClient }, uri: string, opts: MigrationOptions, log: (l: string) => void, name: string, dumpDir: string,
+): Promise<MigrationFigures> {
   const maxBandwidth = opts.maxBandwidth ?? MIGRATION_DEFAULTS.maxBandwidth;
   await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': maxBandwidth, 'downtime-limit': opts.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs });
   const dest = to.guest;
@@ -476,7 +574,17 @@ async function migrate(src: Vm, to: { guest: Guest; qmp: QmpClient }, uri: strin
     await sleep(250);
   }
   const wallMs = Date.now() - t0;
-  // The destination starts the guest by itself once the stream is in (no -S).
+  // Both VMs are stopped now (the destination was started with -S): the destination's RAM must be the
+  // source's, page for page. A page a backend wrote without logging it differs.
+  const ram = await compareRam(src, to, opts.memoryMiB ?? MIGRATION_DEFAULTS.memoryMiB, dumpDir);
+  if (ram.differingPages > 0) {
+    // Where the rings are, to tell a ring page from a data page.
+    const rings = await src.qmp.execute('x-query-virtio-queue-status', { path: '/machine/peripheral/disk0/virtio-backend', queue: 0 })
+      .then((r) => JSON.stringify(r)).catch((e: Error) => `(x-query-virtio-queue-status: ${e.message})`);
+    ram.summary += `; queue 0 on the source: ${rings}`;
+    log(`${name}: ${ram.differingPages} page(s) of guest RAM differ between source and destination: ${ram.summary}`);
+  }
+  await to.qmp.execute('cont');
   const deadline = Date.now() + 30_000;
   for (;;) {
     const st = await to.qmp.execute<{ status: string; running: boolean }>('query-status');
@@ -485,6 +593,7 @@ async function migrate(src: Vm, to: { guest: Guest; qmp: QmpClient }, uri: strin
     await sleep(200);
   }
   return {
+    ram,
     totalTimeMs: last['total-time'] ?? NaN,
     downtimeMs: last.downtime ?? NaN,
     setupTimeMs: last['setup-time'] ?? NaN,
@@ -506,13 +615,13 @@ export const MIGRATION_TOOLS = ['qemu-system-x86_64', 'qemu-storage-daemon', 'bu
 /** A Markdown table of the figures of several runs (one row per leg), for the test log and the README. */
 export function figuresTable(runs: Array<{ name: string; result: MigrationResult }>): string {
   const rows = [
-    '| backend | leg | total time (ms) | downtime (ms) | setup (ms) | dirty-sync rounds | transferred (MiB) |',
-    '|---|---|---:|---:|---:|---:|---:|',
+    '| backend | leg | total time (ms) | downtime (ms) | setup (ms) | dirty-sync rounds | transferred (MiB) | RAM pages differing | guest verdict |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---|',
   ];
   for (const { name, result } of runs) {
     for (const l of result.legs) {
       const f = l.figures;
-      rows.push(`| ${name} | ${l.from} -> ${l.to} | ${f.totalTimeMs} | ${f.downtimeMs} | ${f.setupTimeMs} | ${f.dirtySyncCount} | ${(f.transferredBytes / MiB).toFixed(1)} |`);
+      rows.push(`| ${name} | ${l.from} -> ${l.to} | ${f.totalTimeMs} | ${f.downtimeMs} | ${f.setupTimeMs} | ${f.dirtySyncCount} | ${(f.transferredBytes / MiB).toFixed(1)} | ${f.ram.differingPages} | ${l.verdict.pass ? 'PASS' : 'FAIL'} |`);
     }
   }
   return rows.join('\n');
