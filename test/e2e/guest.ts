@@ -572,6 +572,8 @@ export interface BootOptions {
   extraChardevArgs?: string;
   /** Extra QEMU arguments. */
   extraQemuArgs?: string[];
+  /** The -accel option (default "tcg"). */
+  accel?: string;
   /** Extra kernel command line. */
   extraAppend?: string;
   /** Called with every console line (QEMU stderr lines are prefixed "[qemu] "). */
@@ -702,7 +704,7 @@ export class Guest {
     return [
       '-nodefaults',
       '-no-user-config',
-      '-accel', 'tcg',
+      '-accel', opts.accel ?? 'tcg',
       '-machine', 'q35',
       '-cpu', 'max',
       '-m', `${mem}M`,

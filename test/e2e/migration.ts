@@ -335,6 +335,8 @@ export interface MigrationOptions {
   maxBandwidth?: number;
   /** migrate-set-parameters downtime-limit, ms (default 500). */
   downtimeLimitMs?: number;
+  /** QEMU's -accel for both QEMUs (default "tcg"; "tcg,thread=single" loses CPU writes all the same). */
+  accel?: string;
   /** Progress lines (default: none). */
   log?: (line: string) => void;
 }
@@ -396,6 +398,7 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
   };
 
   const memoryMiB = opts.memoryMiB ?? MIGRATION_DEFAULTS.memoryMiB;
+  const accel = opts.accel ?? 'tcg';
   const deviceArgs = `,id=disk0${opts.packed ? ',packed=on' : ''}`;
   let qmpSeq = 0;
   const qmpArgs = () => {
@@ -405,7 +408,7 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
 
   const q0 = qmpArgs();
   const guest = await step('boot the guest on backend A', () =>
-    s.boot({ socket: sockets.A, memoryMiB, extraDeviceArgs: deviceArgs, extraQemuArgs: q0.args }));
+    s.boot({ socket: sockets.A, memoryMiB, accel, extraDeviceArgs: deviceArgs, extraQemuArgs: q0.args }));
   let vm: Vm = { guest, qmp: await step('QMP of the source', () => QmpClient.connect(q0.path)), backend: 'A' };
   const qmps: QmpClient[] = [vm.qmp];
   try {
@@ -422,7 +425,7 @@ export async function runMigrationScenario(s: Scenario, opts: MigrationOptions):
       // The destination: same machine, its disk on the other backend, waiting for the migration stream.
       const qd = qmpArgs();
       const dest = await step(`${name}: start the destination QEMU`, () =>
-        s.incoming({ socket: sockets[to], memoryMiB, extraDeviceArgs: deviceArgs, extraQemuArgs: [...qd.args, '-S'] }));
+        s.incoming({ socket: sockets[to], memoryMiB, accel, extraDeviceArgs: deviceArgs, extraQemuArgs: [...qd.args, '-S'] }));
       const destQmp = await step(`${name}: QMP of the destination`, () => QmpClient.connect(qd.path));
       qmps.push(destQmp);
       const uri = `unix:${s.path(`migrate-${leg}.sock`)}`;
