@@ -572,6 +572,8 @@ export interface BootOptions {
   extraChardevArgs?: string;
   /** Extra QEMU arguments. */
   extraQemuArgs?: string[];
+  /** The -accel option (default "tcg"). */
+  accel?: string;
   /** Extra kernel command line. */
   extraAppend?: string;
   /** Called with every console line (QEMU stderr lines are prefixed "[qemu] "). */
@@ -679,14 +681,14 @@ export class Guest {
     });
   }
 
-  /** Boots QEMU with a vhost-user-blk-pci disk on `opts.socket` and waits for the guest shell. */
-  static async boot(opts: BootOptions): Promise<Guest> {
-    requireTools(['qemu-system-x86_64']);
-    const assets = opts.assets ?? (await ensureGuestAssets());
+  /**
+   * The qemu-system-x86_64 command line boot() uses for `opts` (and incoming() too, plus `-incoming defer`:
+   * a migration destination needs the very same machine).
+   */
+  static qemuArgs(opts: BootOptions, assets: GuestAssets): string[] {
     const mem = opts.memoryMiB ?? 512;
     const cpus = opts.cpus ?? 1;
     const numQueues = opts.numQueues ?? 1;
-    if (!fs.existsSync(opts.socket)) throw new GuestError(`vhost-user socket ${opts.socket} does not exist`);
     const append = [
       'console=ttyS0',
       'panic=-1',
@@ -699,10 +701,10 @@ export class Guest {
     ]
       .filter(Boolean)
       .join(' ');
-    const args = [
+    return [
       '-nodefaults',
       '-no-user-config',
-      '-accel', 'tcg',
+      '-accel', opts.accel ?? 'tcg',
       '-machine', 'q35',
       '-cpu', 'max',
       '-m', `${mem}M`,
@@ -725,12 +727,39 @@ export class Guest {
       '-device', `vhost-user-blk-pci,chardev=c0,num-queues=${numQueues}${opts.extraDeviceArgs ?? ''}`,
       ...(opts.extraQemuArgs ?? []),
     ];
+  }
+
+  /** Starts QEMU with `args` and resolves once the process has spawned. */
+  private static async spawnQemu(args: string[], log?: (line: string) => void): Promise<Guest> {
+    requireTools(['qemu-system-x86_64']);
     const proc = track(spawn('qemu-system-x86_64', args, { stdio: ['pipe', 'pipe', 'pipe'] }));
-    const guest = new Guest(proc, args, opts.log ?? defaultLog('guest'));
+    const guest = new Guest(proc, args, log ?? defaultLog('guest'));
     await new Promise<void>((resolve, reject) => {
       proc.once('spawn', resolve);
       proc.once('error', (e) => reject(new GuestError(`cannot start qemu-system-x86_64: ${e.message}`)));
     });
+    return guest;
+  }
+
+  /**
+   * Starts a migration destination: QEMU with boot()'s command line for `opts` plus `-incoming defer`
+   * (give it a QMP socket in `extraQemuArgs` and send `migrate-incoming` there). It does not wait for
+   * anything: the guest's shell answers on this QEMU's console once the migration has completed and the
+   * VM runs (the serial console moves along with the guest; run() works then).
+   */
+  static async incoming(opts: BootOptions): Promise<Guest> {
+    const assets = opts.assets ?? (await ensureGuestAssets());
+    if (!fs.existsSync(opts.socket)) throw new GuestError(`vhost-user socket ${opts.socket} does not exist`);
+    const args = [...Guest.qemuArgs(opts, assets), '-incoming', 'defer'];
+    return Guest.spawnQemu(args, opts.log ?? defaultLog('guest-in'));
+  }
+
+  /** Boots QEMU with a vhost-user-blk-pci disk on `opts.socket` and waits for the guest shell. */
+  static async boot(opts: BootOptions): Promise<Guest> {
+    requireTools(['qemu-system-x86_64']);
+    const assets = opts.assets ?? (await ensureGuestAssets());
+    if (!fs.existsSync(opts.socket)) throw new GuestError(`vhost-user socket ${opts.socket} does not exist`);
+    const guest = await Guest.spawnQemu(Guest.qemuArgs(opts, assets), opts.log);
     const timeout = opts.bootTimeoutMs ?? 120_000;
     const t0 = Date.now();
     try {
@@ -798,6 +827,14 @@ export class Guest {
       .filter((l) => !KERNEL_LINE.test(l))
       .join('\n');
     return { status: Number(m[2]), output };
+  }
+
+  /**
+   * Waits until a console line (this QEMU's: a migration destination starts with an empty console)
+   * matches `re`, and returns the first such line. Lines a concurrent run() consumes count too.
+   */
+  waitForConsole(re: RegExp, timeoutMs: number, what = String(re)): Promise<string> {
+    return this.waitFor(() => this.console.lines.find((l) => re.test(l)), timeoutMs, what);
   }
 
   /** run() that throws (with the command's output and the console tail) unless the status is 0. */
@@ -877,8 +914,9 @@ async function startDaemon(
   socket: string,
   timeoutMs: number,
   log?: (line: string) => void,
+  env?: Record<string, string>,
 ): Promise<DaemonHandle> {
-  const proc = track(spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const proc = track(spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: env ? { ...process.env, ...env } : undefined }));
   log ??= defaultLog(name);
   const out = new LineLog('', 5000, log);
   // stderr lines go into the same log, prefixed
@@ -949,6 +987,11 @@ export interface StorageDaemonOptions {
   image: string;
   numQueues?: number;
   writable: boolean;
+  /**
+   * Appended to the file blockdev's options, e.g. ",locking=off" so that a second process may open the
+   * same image (two backends on shared storage during a migration).
+   */
+  extraBlockdevArgs?: string;
   timeoutMs?: number;
   log?: (line: string) => void;
 }
@@ -957,7 +1000,7 @@ export interface StorageDaemonOptions {
 export async function startQemuStorageDaemon(opts: StorageDaemonOptions): Promise<DaemonHandle> {
   requireTools(['qemu-storage-daemon']);
   const args = [
-    '--blockdev', `driver=file,node-name=file0,filename=${opts.image},cache.direct=off`,
+    '--blockdev', `driver=file,node-name=file0,filename=${opts.image},cache.direct=off${opts.extraBlockdevArgs ?? ''}`,
     '--export',
     `type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=${opts.socket},` +
       `writable=${opts.writable ? 'on' : 'off'},num-queues=${opts.numQueues ?? 1}`,
@@ -968,6 +1011,8 @@ export async function startQemuStorageDaemon(opts: StorageDaemonOptions): Promis
 export interface VhostBlkOptions {
   timeoutMs?: number;
   log?: (line: string) => void;
+  /** Added to the daemon's environment (e.g. test-only switches). */
+  env?: Record<string, string>;
 }
 
 /**
@@ -982,7 +1027,7 @@ export async function startVhostBlk(args: string[], opts: VhostBlkOptions = {}):
   }
   if (!socket) throw new Error('startVhostBlk: args must include --socket <path>');
   const bin = path.join(REPO_ROOT, 'bin', 'vhost-blk');
-  return startDaemon('vhost-blk', process.execPath, [bin, 'serve', ...args], socket, opts.timeoutMs ?? 20_000, opts.log);
+  return startDaemon('vhost-blk', process.execPath, [bin, 'serve', ...args], socket, opts.timeoutMs ?? 20_000, opts.log, opts.env);
 }
 
 // ---------------------------------------------------------------------------
@@ -1338,6 +1383,13 @@ export class Scenario {
   /** Boots a guest with the scenario's assets; tracked like daemons. */
   async boot(opts: Omit<BootOptions, 'assets'>): Promise<Guest> {
     const g = await Guest.boot({ ...opts, assets: this.assets });
+    this.guests.push(g);
+    return g;
+  }
+
+  /** Starts a migration destination QEMU (Guest.incoming()) with the scenario's assets; tracked like daemons. */
+  async incoming(opts: Omit<BootOptions, 'assets'>): Promise<Guest> {
+    const g = await Guest.incoming({ ...opts, assets: this.assets });
     this.guests.push(g);
     return g;
   }
