@@ -6,16 +6,12 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { VhostUserSession, type DirtyLogArea, type PlaneRegion, type RingStart, type VhostUserDevice } from '../../src/vhost-user/backend.js';
-import { UnixListener } from '../../src/os/unix-socket.js';
+import type { DirtyLogArea, RingStart } from '../../src/vhost-user/backend.js';
 import { VhostUserConnection } from '../../src/frontend/connection.js';
-import { Logger } from '../../src/daemon/logger.js';
+import { SESSION_RING_ADDRS, SessionTestDevice, startRing0, withSession as withDeviceSession } from './session-harness.js';
 import {
-  FrontendRequest as R, ProtocolFeature as P, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, encodeConfig, encodeLog, encodeMemTable, encodeU64,
-  encodeVringAddr, encodeVringState,
+  FrontendRequest as R, ProtocolFeature as P, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, encodeConfig, encodeLog, encodeU64,
+  encodeVringAddr,
 } from '../../src/vhost-user/messages.js';
 import { closeQuietly, eventfd, ftruncate, memfdCreate, view } from '../../src/os/libc.js';
 
@@ -23,37 +19,24 @@ const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
 const PROTOCOL = 1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES);
 const EVENT_IDX = 1n << 29n;
 const VERSION_1 = 1n << 32n;
-/** 1 MiB of guest memory: the log must have dirtyLogBytes(1 MiB) = 32 bytes. */
-const MEM = 1 << 20;
-const ADDRS = { descUserAddr: 0x7000_0000_0000, availUserAddr: 0x7000_0000_1000, usedUserAddr: 0x7000_0000_2000 };
+const ADDRS = SESSION_RING_ADDRS;
 
 /** Records what the data plane is told; checks that a replaced log is still mapped when the next one is installed. */
-class LoggingDevice implements VhostUserDevice {
-  readonly features = VERSION_1 | EVENT_IDX;
-  readonly protocolFeatures = (1n << BigInt(P.REPLY_ACK)) | (1n << BigInt(P.CONFIG));
-  readonly numQueues = 1;
-  readonly maxQueueSize = 256;
+class LoggingDevice extends SessionTestDevice {
+  override readonly features = VERSION_1 | EVENT_IDX;
+  override readonly protocolFeatures = (1n << BigInt(P.REPLY_ACK)) | (1n << BigInt(P.CONFIG));
   readonly events: string[] = [];
-  readonly starts: RingStart[] = [];
   logs: Array<DirtyLogArea | null> = [];
   private current: DirtyLogArea | null = null;
-  getConfig(_offset: number, size: number): Uint8Array {
-    return new Uint8Array(size);
-  }
-  async setConfig(): Promise<string | null> {
-    return 'read-only';
-  }
-  async setMemory(_regions: PlaneRegion[]): Promise<void> {}
-  async startRing(ring: RingStart): Promise<void> {
-    this.starts.push(ring);
+  override async startRing(ring: RingStart): Promise<void> {
+    await super.startRing(ring);
     this.events.push('start');
   }
-  async stopRing(): Promise<number> {
+  override async stopRing(queue: number): Promise<number> {
     this.events.push('stop');
-    return 0;
+    return super.stopRing(queue);
   }
-  async setCallFd(): Promise<void> {}
-  async setDirtyLog(log: DirtyLogArea | null): Promise<void> {
+  override async setDirtyLog(log: DirtyLogArea | null): Promise<void> {
     // Touching the previous log would crash the test process if the session had unmapped it already.
     if (this.current) new Uint8Array(view(this.current.hostAddr, this.current.bytes))[0] |= 0;
     if (log) new Uint8Array(view(log.hostAddr, log.bytes))[log.bytes - 1] |= 0x80;
@@ -62,12 +45,12 @@ class LoggingDevice implements VhostUserDevice {
     this.logs.push(log);
     this.events.push(log ? `log ${log.bytes}` : 'log off');
   }
-  async setRingLog(queue: number, usedLogAddr: number | null): Promise<void> {
+  override async setRingLog(queue: number, usedLogAddr: number | null): Promise<void> {
     this.events.push(`ring-log ${queue} ${usedLogAddr === null ? 'off' : '0x' + usedLogAddr.toString(16)}`);
   }
 }
 
-/** A memfd of `bytes` for a log region (the caller closes it). */
+/** A memfd of `bytes` for a log region (the caller closes it). The session's 1 MiB of guest memory needs 32 bytes of log. */
 function logFd(bytes: number): number {
   const fd = memfdCreate('test-log');
   ftruncate(fd, bytes);
@@ -75,46 +58,14 @@ function logFd(bytes: number): number {
 }
 
 /** Runs `body` against a session: features VERSION_1 | EVENT_IDX | PROTOCOL_FEATURES (+ `extra`), protocol `protocol`, 1 MiB memory. */
-async function withSession(protocol: bigint, body: (conn: VhostUserConnection, dev: LoggingDevice) => Promise<void>, extra = 0n): Promise<void> {
-  const dir = mkdtempSync(join(tmpdir(), 'vhost-blk-migration-'));
-  const listener = UnixListener.listen(join(dir, 's'));
+function withSession(protocol: bigint, body: (conn: VhostUserConnection, dev: LoggingDevice) => Promise<void>, extra = 0n): Promise<void> {
   const dev = new LoggingDevice();
-  const memfd = memfdCreate('migration-test');
-  const accepted = listener.accept();
-  const conn = VhostUserConnection.connect(join(dir, 's'));
-  const server = await accepted;
-  assert.ok(server);
-  const session = new VhostUserSession(server, dev, new Logger('error'), 'test');
-  const served = session.serve();
-  try {
-    ftruncate(memfd, MEM);
-    await conn.request(R.SET_FEATURES, encodeU64(dev.features | PROTOCOL | extra));
-    await conn.request(R.SET_PROTOCOL_FEATURES, encodeU64(protocol));
-    await conn.request(R.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: MEM, userAddr: 0x7000_0000_0000, mmapOffset: 0 }]), { fds: [memfd], needReply: true });
-    await conn.request(R.SET_VRING_NUM, encodeVringState(0, 256), { needReply: true });
-    await conn.request(R.SET_VRING_ADDR, encodeVringAddr({ index: 0, flags: 0, ...ADDRS, logGuestAddr: 0 }), { needReply: true });
-    await body(conn, dev);
-  } finally {
-    conn.close();
-    await served;
-    closeQuietly(memfd);
-    listener.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
+  return withDeviceSession(dev, dev.features | PROTOCOL | extra, protocol, body);
 }
 
 const ALL_PROTOCOL = (1n << BigInt(P.REPLY_ACK)) | (1n << BigInt(P.LOG_SHMFD)) | (1n << BigInt(P.CONFIG));
 
-/** Starts ring 0 (kick fd + enable). */
-async function startRing(conn: VhostUserConnection): Promise<void> {
-  const kick = eventfd(0, 0);
-  try {
-    await conn.request(R.SET_VRING_KICK, encodeU64(0n), { fds: [kick], needReply: true });
-  } finally {
-    closeQuietly(kick);
-  }
-  await conn.request(R.SET_VRING_ENABLE, encodeVringState(0, 1), { needReply: true });
-}
+const startRing = startRing0;
 
 /** SET_LOG_BASE with `fds`; resolves with the u64 the back-end replied. */
 async function setLogBase(conn: VhostUserConnection, mmapSize: number, fds: number[], mmapOffset = 0): Promise<bigint> {

@@ -8,9 +8,6 @@
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import {
   DescriptorChain, POP_BAD_CHAIN, POP_EMPTY, POP_RING_BROKEN, VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT,
@@ -20,14 +17,12 @@ import {
   PackedQueue, RING_EVENT_FLAGS_DESC as DESC, RING_EVENT_FLAGS_DISABLE as DISABLE, RING_EVENT_FLAGS_ENABLE as ENABLE,
   VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_USED as USED, decodePackedBase, encodePackedBase,
 } from "../../src/virtqueue/packed.js";
-import { VhostUserSession, type PlaneRegion, type RingStart, type VhostUserDevice } from "../../src/vhost-user/backend.js";
-import { UnixListener } from "../../src/os/unix-socket.js";
 import { VhostUserConnection } from "../../src/frontend/connection.js";
-import { Logger } from "../../src/daemon/logger.js";
+import { SessionTestDevice, startRing0, withSession as withDeviceSession } from "./session-harness.js";
+import type { RingStart } from "../../src/vhost-user/backend.js";
 import {
-  FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, encodeMemTable, encodeU64, encodeVringAddr, encodeVringState,
+  FrontendRequest as R, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, encodeVringState,
 } from "../../src/vhost-user/messages.js";
-import { closeQuietly, eventfd, ftruncate, memfdCreate } from "../../src/os/libc.js";
 import { HOLE, REGION_B, TAIL, makeRingMemory, poisonSum, type RingMemory } from "./ring-memory.js";
 import { FRESH, PackedDriver, type GuestBuf, type RawDesc } from "./packed-driver.js";
 
@@ -718,71 +713,22 @@ describe("packed: construction", () => {
   });
 });
 
-/** A device that records ring starts and answers stops with a fixed base, for driving the session alone. */
-class RecordingDevice implements VhostUserDevice {
-  readonly features = (1n << 32n) | (1n << 34n);
-  readonly protocolFeatures = 1n << BigInt(ProtocolFeature.REPLY_ACK);
-  readonly numQueues = 1;
-  readonly maxQueueSize = 256;
-  readonly starts: RingStart[] = [];
-  stopBase = 0;
-  getConfig(_offset: number, size: number): Uint8Array {
-    return new Uint8Array(size);
-  }
-  async setConfig(): Promise<string | null> {
-    return "read-only";
-  }
-  async setMemory(_regions: PlaneRegion[]): Promise<void> {}
-  async startRing(ring: RingStart): Promise<void> {
-    this.starts.push(ring);
-  }
-  async stopRing(): Promise<number> {
-    return this.stopBase;
-  }
-  async setCallFd(): Promise<void> {}
-  async setDirtyLog(): Promise<void> {}
-  async setRingLog(): Promise<void> {}
+/** The harness's recording device, offering VERSION_1 and RING_PACKED. */
+class RecordingDevice extends SessionTestDevice {
+  override readonly features = (1n << 32n) | (1n << 34n);
+  override readonly protocolFeatures = 1n << BigInt(ProtocolFeature.REPLY_ACK);
 }
 
 describe("vhost-user session: packed vring base", () => {
   /** Runs `body` against a session with a RecordingDevice, negotiating `features` and a 1 MiB memory table. */
-  async function withSession(features: bigint, body: (conn: VhostUserConnection, dev: RecordingDevice) => Promise<void>): Promise<void> {
-    const dir = mkdtempSync(join(tmpdir(), "vhost-blk-packed-"));
-    const listener = UnixListener.listen(join(dir, "s"));
+  function withSession(features: bigint, body: (conn: VhostUserConnection, dev: RecordingDevice) => Promise<void>): Promise<void> {
     const dev = new RecordingDevice();
-    const memfd = memfdCreate("packed-test");
-    const accepted = listener.accept();
-    const conn = VhostUserConnection.connect(join(dir, "s"));
-    const server = await accepted;
-    assert.ok(server);
-    const session = new VhostUserSession(server, dev, new Logger("error"), "test");
-    const served = session.serve();
-    try {
-      ftruncate(memfd, 1 << 20);
-      await conn.request(R.SET_FEATURES, encodeU64(features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES))));
-      await conn.request(R.SET_PROTOCOL_FEATURES, encodeU64(dev.protocolFeatures));
-      await conn.request(R.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: 0x7000_0000_0000, mmapOffset: 0 }]), { fds: [memfd], needReply: true });
-      await conn.request(R.SET_VRING_NUM, encodeVringState(0, 256), { needReply: true });
-      await conn.request(R.SET_VRING_ADDR, encodeVringAddr({ index: 0, flags: 0, descUserAddr: 0x7000_0000_0000, availUserAddr: 0x7000_0000_1000, usedUserAddr: 0x7000_0000_2000, logGuestAddr: 0 }), { needReply: true });
-      await body(conn, dev);
-    } finally {
-      conn.close();
-      await served;
-      closeQuietly(memfd);
-      listener.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    return withDeviceSession(dev, features | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)), dev.protocolFeatures, body);
   }
 
   /** Starts ring 0 (kick fd + enable) and returns what the device was given. */
   async function start(conn: VhostUserConnection, dev: RecordingDevice): Promise<RingStart> {
-    const kick = eventfd(0, 0);
-    try {
-      await conn.request(R.SET_VRING_KICK, encodeU64(0n), { fds: [kick], needReply: true });
-    } finally {
-      closeQuietly(kick);
-    }
-    await conn.request(R.SET_VRING_ENABLE, encodeVringState(0, 1), { needReply: true });
+    await startRing0(conn);
     assert.equal(dev.starts.length, 1);
     return dev.starts[0];
   }
