@@ -23,6 +23,7 @@ import { PackedInflightQueue, type PackedInflightRecovery } from '../virtqueue/p
 import type { VirtQueue } from '../virtqueue/queue.js';
 import { MAX_RANGE_SECTORS } from '../blk/device.js';
 import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
+import type { DirtyLogArea } from '../vhost-user/backend.js';
 
 const IORING_OP_ASYNC_CANCEL = 14;
 const ECANCELED = 125;
@@ -196,7 +197,7 @@ function applyRingLog(queue: VirtQueue, p: StartQueue): void {
 }
 
 /** Switches every write into guest memory to `next` (null: logging off); the old log is not touched after this returns. */
-function setDirtyLog(next: { hostAddr: number; bytes: number } | null): void {
+function setDirtyLog(next: DirtyLogArea | null): void {
   reportMissedMarks();
   dirtyLog = next === null ? null : new DirtyLog(new Uint8Array(view(next.hostAddr, next.bytes)));
   missedReported = 0;

@@ -3,7 +3,7 @@
  */
 import type { BackendSpec } from '../backend/types.js';
 import type { RegionDescriptor } from '../memory/guest-memory.js';
-import type { RingStart } from '../vhost-user/backend.js';
+import type { DirtyLogArea, RingStart } from '../vhost-user/backend.js';
 
 /** A guest memory region as mapped by the control thread (the mapping is process-wide). */
 export interface WorkerRegion extends RegionDescriptor {
@@ -50,7 +50,7 @@ export type ToWorker =
    * Migration: mark every write into guest memory in the dirty log mapped at hostAddr (bytes long), or
    * stop (null). Replied once no later write can use the previous log, which may then be unmapped.
    */
-  | { op: 'dirty-log'; id: number; log: { hostAddr: number; bytes: number } | null }
+  | { op: 'dirty-log'; id: number; log: DirtyLogArea | null }
   /** VHOST_VRING_F_LOG of a running ring changed: its ring writes are logged at usedLogAddr, or not (null). */
   | { op: 'ring-log'; id: number; queue: number; usedLogAddr: number | null }
   /** The disk grew: later requests are checked against the new size (replied once applied). */

@@ -17,6 +17,11 @@ export function dirtyLogBytes(end: number): number {
   return Math.ceil(end / (BYTE_SPAN * 8)) * 8;
 }
 
+/** Guest bytes, from address 0, that a bitmap of `bytes` bytes covers. */
+export function dirtyLogCoverage(bytes: number): number {
+  return bytes * BYTE_SPAN;
+}
+
 /** A dirty bitmap over guest physical memory. */
 export class DirtyLog {
   /** Guest bytes the bitmap covers, from address 0. */
@@ -26,7 +31,7 @@ export class DirtyLog {
 
   /** `bits` is the log as the front-end shared it (mapped shared memory in the daemon). */
   constructor(private readonly bits: Uint8Array) {
-    this.coveredBytes = bits.length * BYTE_SPAN;
+    this.coveredBytes = dirtyLogCoverage(bits.length);
   }
 
   /** Sets the bit of every page that [gpa, gpa + len) touches; nothing for len 0. */

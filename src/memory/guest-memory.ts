@@ -164,7 +164,7 @@ export class GuestMemory {
     if (i < 0) return false;
     const r = this.regions[i];
     r.bytes[gpa - r.guestAddr] = value;
-    if (this.dirtyLog !== null) this.dirtyLog.mark(gpa, 1);
+    this.markDirty(gpa, 1);
     return true;
   }
 }

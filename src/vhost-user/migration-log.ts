@@ -10,7 +10,7 @@
  */
 import { closeQuietly } from '../os/libc.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
-import { dirtyLogBytes, DIRTY_LOG_PAGE } from '../memory/dirty-log.js';
+import { dirtyLogBytes, dirtyLogCoverage } from '../memory/dirty-log.js';
 import type { Logger } from '../daemon/logger.js';
 import type { LogDescription } from './messages.js';
 import { Refusal } from './refusal.js';
@@ -51,7 +51,7 @@ export class MigrationLog {
       if (d.mmapSize === 0 || d.mmapSize > MAX_LOG_BYTES) throw new Refusal(`log region of ${d.mmapSize} bytes is not in 1..${MAX_LOG_BYTES}`);
       const need = dirtyLogBytes(guestEnd);
       if (d.mmapSize < need) {
-        throw new Refusal(`log region of ${d.mmapSize} bytes covers ${d.mmapSize * 8 * DIRTY_LOG_PAGE} bytes of guest memory; ` +
+        throw new Refusal(`log region of ${d.mmapSize} bytes covers ${dirtyLogCoverage(d.mmapSize)} bytes of guest memory; ` +
           `the memory table reaches 0x${guestEnd.toString(16)} and needs ${need}`);
       }
     } catch (err) {
@@ -75,7 +75,7 @@ export class MigrationLog {
     }
     this.region = next;
     if (old) unmapRegion(old);
-    this.log.info(`${this.name}: dirty log region set: ${d.mmapSize} bytes (guest memory up to 0x${(d.mmapSize * 8 * DIRTY_LOG_PAGE).toString(16)})` +
+    this.log.info(`${this.name}: dirty log region set: ${d.mmapSize} bytes (guest memory up to 0x${dirtyLogCoverage(d.mmapSize).toString(16)})` +
       `${this.logAll ? '; logging' : '; logging starts with VHOST_F_LOG_ALL'}`);
   }
 
@@ -99,7 +99,7 @@ export class MigrationLog {
   /** After a memory table change: a log that no longer covers guest memory misses writes until the front-end sends a bigger one. */
   checkCovers(guestEnd: number): void {
     if (!this.active || this.region!.region.size >= dirtyLogBytes(guestEnd)) return;
-    this.log.warn(`${this.name}: the dirty log covers guest memory up to 0x${(this.region!.region.size * 8 * DIRTY_LOG_PAGE).toString(16)} ` +
+    this.log.warn(`${this.name}: the dirty log covers guest memory up to 0x${dirtyLogCoverage(this.region!.region.size).toString(16)} ` +
       `but the memory table reaches 0x${guestEnd.toString(16)}: writes above are not logged until the front-end sends a larger log`);
   }
 
