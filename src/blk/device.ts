@@ -3,8 +3,8 @@
  * that serve its rings.
  */
 import type { BackendSpec } from '../backend/types.js';
-import { QueueWorker } from '../daemon/worker-pool.js';
-import type { Logger } from '../daemon/logger.js';
+import { QueueWorker } from './worker-pool.js';
+import type { Logger } from '../logger.js';
 import type { DirtyLogArea, PlaneRegion, RingStart, VhostUserDevice } from '../vhost-user/backend.js';
 import { ProtocolFeature } from '../vhost-user/messages.js';
 import { readConfig, WRITEBACK_OFFSET, type BlkConfig } from './config.js';

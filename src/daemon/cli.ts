@@ -10,7 +10,7 @@ import { blockDeviceSize, ftruncate } from '../os/libc.js';
 import type { BackendSpec } from '../backend/types.js';
 import { describeFaults, parseFaultSpec, type FaultRule } from '../backend/faults.js';
 import { BlkDevice } from '../blk/device.js';
-import { LOG_LEVELS, Logger, type LogLevel } from './logger.js';
+import { LOG_LEVELS, Logger, type LogLevel } from '../logger.js';
 import { Server } from './server.js';
 import { UnixListener } from '../os/unix-socket.js';
 import { ControlServer, controlRequest, type ControlReply } from './control.js';

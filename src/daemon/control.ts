@@ -7,7 +7,7 @@
 import { chmodSync, unlinkSync } from 'node:fs';
 import { createConnection, createServer, type Server as NetServer, type Socket } from 'node:net';
 import { claimSocketPath } from '../os/unix-socket.js';
-import type { Logger } from './logger.js';
+import type { Logger } from '../logger.js';
 
 /** Longest request line accepted; a longer one is answered with an error and the connection closed. */
 export const MAX_REQUEST_BYTES = 4096;

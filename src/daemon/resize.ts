@@ -7,7 +7,7 @@
  */
 import { fstatSync } from 'node:fs';
 import { blockDeviceSize, ftruncate } from '../os/libc.js';
-import type { Logger } from './logger.js';
+import type { Logger } from '../logger.js';
 
 /** Where the served bytes live, as far as their size goes. */
 export type ImageSource =

@@ -4,7 +4,7 @@
  */
 import type { UnixListener } from '../os/unix-socket.js';
 import { VhostUserSession, type VhostUserDevice } from '../vhost-user/backend.js';
-import type { Logger } from './logger.js';
+import type { Logger } from '../logger.js';
 
 /** A device exported on a socket. */
 export class Server {

@@ -6,7 +6,7 @@
 import { fstatSync } from 'node:fs';
 import { UnixConnection } from '../os/unix-socket.js';
 import { closeQuietly } from '../os/libc.js';
-import type { Logger } from '../daemon/logger.js';
+import type { Logger } from '../logger.js';
 import { BackendRequest, HEADER_SIZE, backendRequestName, decodeReplyHeader, encodeBackendRequest } from './messages.js';
 import { Refusal } from './refusal.js';
 

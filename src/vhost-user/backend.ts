@@ -12,7 +12,7 @@ import { UnixConnection } from '../os/unix-socket.js';
 import { closeQuietly } from '../os/libc.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
 import type { RegionDescriptor } from '../memory/guest-memory.js';
-import type { Logger } from '../daemon/logger.js';
+import type { Logger } from '../logger.js';
 import {
   FrontendRequest as R, ProtocolFeature, ProtocolError, HEADER_SIZE, MAX_FDS, MAX_CONFIG_SIZE, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG,
   decodeConfig, decodeEmpty, decodeInflight, encodeReplyInflight, decodeHeader, decodeLog, decodeMemRegion, decodeMemTable, decodeU64, decodeVringAddr, decodeVringFd,

@@ -7,7 +7,7 @@ import { addSeals, closeQuietly, ftruncate, getSeals, memfdCreate, F_SEAL_GROW, 
 import { inflightQueueBytes, inflightRegionBytes } from '../virtqueue/inflight.js';
 import { MAX_QUEUE_SIZE } from '../virtqueue/queue.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
-import type { Logger } from '../daemon/logger.js';
+import type { Logger } from '../logger.js';
 import type { InflightDescription } from './messages.js';
 import { Refusal } from './refusal.js';
 

@@ -11,7 +11,7 @@
 import { closeQuietly } from '../os/libc.js';
 import { mapRegion, unmapRegion, type RegionMapping } from '../memory/mapping.js';
 import { dirtyLogBytes, dirtyLogCoverage } from '../memory/dirty-log.js';
-import type { Logger } from '../daemon/logger.js';
+import type { Logger } from '../logger.js';
 import type { LogDescription } from './messages.js';
 import { Refusal } from './refusal.js';
 

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { VhostUserSession, type PlaneRegion, type RingStart, type VhostUserDevice } from '../../src/vhost-user/backend.js';
 import { UnixListener } from '../../src/os/unix-socket.js';
 import { VhostUserConnection } from '../../src/frontend/connection.js';
-import { Logger } from '../../src/daemon/logger.js';
+import { Logger } from '../../src/logger.js';
 import { FrontendRequest as R, encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '../../src/vhost-user/messages.js';
 import { closeQuietly, eventfd, ftruncate, memfdCreate } from '../../src/os/libc.js';
 

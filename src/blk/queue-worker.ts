@@ -11,7 +11,7 @@ import { FileBackend } from '../backend/file.js';
 import { NullBackend } from '../backend/null.js';
 import { FaultInjectingBackend } from '../backend/faults.js';
 import type { BlockBackend, IoContext } from '../backend/types.js';
-import { BlkRequestProcessor, type BlkSettings } from '../blk/request-processor.js';
+import { BlkRequestProcessor, type BlkSettings } from './request-processor.js';
 import { GuestMemory, type MappedRegion } from '../memory/guest-memory.js';
 import { DirtyLog } from '../memory/dirty-log.js';
 import { allocNative, munmap, view } from '../os/libc.js';
@@ -21,7 +21,7 @@ import { InflightQueue, type InflightRecovery } from '../virtqueue/inflight.js';
 import { PackedQueue, decodePackedBase, type PackedRingState } from '../virtqueue/packed.js';
 import { PackedInflightQueue, type PackedInflightRecovery } from '../virtqueue/packed-inflight.js';
 import type { VirtQueue } from '../virtqueue/queue.js';
-import { MAX_RANGE_SECTORS } from '../blk/device.js';
+import { MAX_RANGE_SECTORS } from './device.js';
 import type { FromWorker, StartQueue, ToWorker, WorkerInit, WorkerRegion } from './worker-protocol.js';
 import type { DirtyLogArea } from '../vhost-user/backend.js';
 

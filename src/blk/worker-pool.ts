@@ -4,7 +4,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { closeQuietly, eventfd, eventfdSignal } from '../os/libc.js';
-import type { Logger } from './logger.js';
+import type { Logger } from '../logger.js';
 import type { FromWorker, ToWorker, WorkerInit } from './worker-protocol.js';
 
 type Pending = { resolve: (v: FromWorker & { op: 'reply' }) => void; reject: (e: Error) => void };
