@@ -6,6 +6,9 @@ import type { UnixListener } from '../os/unix-socket.js';
 import { VhostUserSession, type VhostUserDevice } from '../vhost-user/backend.js';
 import type { Logger } from '../logger.js';
 
+/** How long a new frontend waits for the previous one's session to be torn down before it is turned away. */
+const TEARDOWN_WAIT_MS = 10_000;
+
 /** A device exported on a socket. */
 export class Server {
   private session: VhostUserSession | null = null;
@@ -28,11 +31,15 @@ export class Server {
       const conn = await this.listener.accept();
       if (!conn) return;
       const id = ++this.connections;
-      if (this.session) {
+      if (this.session && !(await this.previousSessionEnded(id))) {
         // Another frontend owns the device; letting a second one in would hand it our rings.
         this.log.warn(`frontend #${id} refused: another frontend is connected and owns the device`);
         conn.close();
         continue;
+      }
+      if (this.stopping) {
+        conn.close();
+        return;
       }
       this.log.info(`frontend #${id} connected`);
       const session = new VhostUserSession(conn, this.device, this.log, `frontend #${id}`);
@@ -42,6 +49,24 @@ export class Server {
         this.log.info(`frontend #${id} disconnected${this.stopping ? '' : '; listening for the next one'}`);
       });
     }
+  }
+
+  /**
+   * A frontend connects while a session exists. When the previous frontend has already hung up (a VM
+   * restarted, a tool reconnecting at once), its teardown (rings stopped, image flushed) is only a
+   * moment from done: wait for it, bounded, rather than turn the newcomer away. True once it ended.
+   */
+  private async previousSessionEnded(id: number): Promise<boolean> {
+    if (!this.session!.frontendGone) return false;
+    this.log.debug(`frontend #${id} waits for the previous frontend's session to be torn down`);
+    let timer: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([
+      this.sessionDone.then(() => true),
+      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), TEARDOWN_WAIT_MS); }),
+    ]);
+    clearTimeout(timer);
+    if (!ended) this.log.warn(`frontend #${id}: the previous session is still being torn down after ${TEARDOWN_WAIT_MS / 1000} s (requests stuck in the disk?)`);
+    return ended;
   }
 
   /** True while a frontend is connected. */

@@ -14,6 +14,8 @@ import {
 } from './libc.js';
 
 const POLLIN = 0x1;
+const POLLHUP = 0x10;
+const POLLRDHUP = 0x2000;
 const EAGAIN = 11;
 const EINTR = 4;
 /** sun_path is 108 bytes including the terminating NUL. */
@@ -92,6 +94,20 @@ export class UnixConnection {
   /** True once close() ran. */
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /**
+   * True when the peer has closed its end (or this end is closed), whether or not we have read up to the
+   * end of the stream yet: a poll with no wait for POLLRDHUP.
+   */
+  peerHungUp(): boolean {
+    if (this.closed) return true;
+    const pfd = new DataView(this.area.buffer, POLL_OFF + 16, 8);
+    pfd.setInt32(0, this.fd, true);
+    pfd.setInt16(4, POLLRDHUP, true);
+    pfd.setInt16(6, 0, true);
+    const n = Number(native.poll(ptr(this.area.addr + POLL_OFF + 16), 1, 0));
+    return n > 0 && (pfd.getInt16(6, true) & (POLLRDHUP | POLLHUP)) !== 0;
   }
 
   /**

@@ -241,6 +241,11 @@ export class VhostUserSession {
     this.conn.close();
   }
 
+  /** True once the frontend is gone (or leaving): its end of the socket is closed, even if we have not read that far. */
+  get frontendGone(): boolean {
+    return this.closed || this.conn.peerHungUp();
+  }
+
   /** Reads one message; null at end of stream. A header that cannot be trusted ends the connection. */
   private async receive(): Promise<Message | null> {
     const head = await this.conn.recvExact(HEADER_SIZE);
